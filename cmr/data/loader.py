@@ -1,0 +1,178 @@
+"""What the trainer holds: a resumable loader per split, its skip counters, the vocabulary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import DataLoader
+
+from cmr.data.assign import worker_batch_counts
+from cmr.data.batch import Batch
+from cmr.data.decode import BadSample, parse_text
+from cmr.data.pipeline import DataConfig, ShardStream
+from cmr.data.source import DataError, ShardSet, open_split
+from cmr.data.tario import read_members
+from cmr.data.vocab import Vocabulary
+
+
+class StreamingLoader:
+    """Iterates one epoch of a rank's batches; knows its position and what it skipped.
+
+    Usage::
+
+        for epoch in range(start_epoch, num_epochs):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                ...
+        state = loader.state_dict()          # save with the checkpoint
+        loader.load_state_dict(state)        # continue mid-epoch, exactly
+
+    ``skip_counts`` holds this rank's skipped samples by reason (all workers together),
+    ``num_seen`` the raw samples behind them; the trainer all-reduces both for logging.
+    """
+
+    def __init__(self, dataset: ShardStream):
+        self.dataset = dataset
+        self.cfg = dataset.cfg
+        self.epoch = 0
+        self.windows_done: list[int] = [0] * dataset.num_loader_workers
+        self.skip_counts: Counter = Counter()
+        self.num_seen = 0
+        self.num_dropped = 0  # train: remainder samples left out (not errors)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.windows_done = [0] * self.dataset.num_loader_workers
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches()
+
+    @property
+    def batches_done(self) -> int:
+        return sum(self.windows_done)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.dataset.epoch = self.epoch
+        self.dataset.skip_windows = dict(enumerate(self.windows_done))
+        self.dataset.worker_offset = self.batches_done % self.dataset.num_loader_workers
+        if self.batches_done == 0 and self.dataset.mode == "train" and not self.cfg.resampled:
+            self.num_dropped += self.dataset.plan().num_dropped
+        for batch in self._dataloader():
+            self.windows_done[batch.worker] = batch.window + 1
+            self.num_seen += batch.num_samples + sum(batch.skipped.values())
+            self.skip_counts.update(batch.skipped)
+            self._check_bad_fraction()
+            yield batch
+
+    def _dataloader(self) -> DataLoader:
+        num_workers = self.cfg.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
+            persistent_workers=False,  # a new epoch needs the workers to see the new plan
+        )
+
+    def _check_bad_fraction(self) -> None:
+        num_bad = sum(self.skip_counts.values())
+        if self.num_seen < self.cfg.min_samples_for_bad_check or num_bad == 0:
+            return
+        if num_bad / self.num_seen > self.cfg.max_bad_fraction:
+            reasons = ", ".join(f"{k}={v}" for k, v in self.skip_counts.most_common())
+            raise DataError(
+                f"{num_bad} of {self.num_seen} samples were unusable ({reasons}), more than "
+                f"data.max_bad_fraction={self.cfg.max_bad_fraction}; check the shards with "
+                f"`python -m shards validate {self.dataset.shardset.split_dir.parent}`"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "windows_done": list(self.windows_done),
+            "batches_done": self.batches_done,
+            "samples_consumed": self.batches_done * self.cfg.batch_size * self.dataset.world_size,
+            "world_size": self.dataset.world_size,
+            "num_workers": self.dataset.num_loader_workers,
+            "skip_counts": dict(self.skip_counts),
+            "num_seen": self.num_seen,
+            "num_dropped": self.num_dropped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = (state["world_size"], state["num_workers"])
+        now = (self.dataset.world_size, self.dataset.num_loader_workers)
+        epoch, done = state["epoch"], state["batches_done"]
+        if saved != now and 0 < done < self._num_batches_of(saved[0]):
+            raise DataError(
+                f"cannot continue mid-epoch with {now[0]} ranks x {now[1]} workers: the checkpoint "
+                f"was written with {saved[0]} x {saved[1]} (use the same data.num_workers and "
+                f"process count, or resume from an end-of-epoch checkpoint)"
+            )
+        self.epoch = epoch
+        self.windows_done = list(state["windows_done"]) if saved == now else [0] * now[1]
+        if saved != now and done:  # the saved epoch was complete: go on with the next one
+            self.epoch += 1
+        self.skip_counts = Counter(state.get("skip_counts", {}))
+        self.num_seen = state.get("num_seen", 0)
+        self.num_dropped = state.get("num_dropped", 0)
+
+    def _num_batches_of(self, world_size: int) -> int:
+        """Train batches per rank for another world size (the count does not depend on the
+        number of workers or the epoch)."""
+        total = self.cfg.samples_per_epoch if self.cfg.resampled else self.dataset.shardset.num_samples
+        return total // (world_size * self.cfg.batch_size)
+
+    def seek(self, epoch: int, batches_done: int) -> None:
+        """Continue ``epoch`` after this rank's first ``batches_done`` batches (the position
+        in samples is ``batches_done * batch_size * world_size``)."""
+        counts = worker_batch_counts(batches_done, self.dataset.num_loader_workers)
+        self.epoch = epoch
+        self.windows_done = counts
+
+
+def collect_captions(shardset: ShardSet) -> list[str]:
+    """All captions of a split, reading only the text members of each tar."""
+    captions: list[str] = []
+    for path in shardset.paths:
+        groups: dict[str, dict] = {}
+        for key, ext, data in read_members(path, ("json", "txt")):
+            groups.setdefault(key, {})[ext] = data
+        for group in groups.values():
+            try:
+                captions.extend(parse_text(group)[0])
+            except BadSample:
+                continue  # counted when the loader meets the sample
+    return captions
+
+
+def build_vocabulary(cfg: DataConfig) -> Vocabulary:
+    """The vocabulary of the training split's captions (save it with the run)."""
+    captions = collect_captions(open_split(cfg.shards, cfg.train_split))
+    if not captions:
+        raise DataError(f"no readable captions in {cfg.shards}/{cfg.train_split}")
+    return Vocabulary.build(captions, cfg.vocab)
+
+
+def build_loader(
+    cfg: DataConfig,
+    vocab: Vocabulary,
+    *,
+    split: str,
+    mode: Literal["train", "eval"],
+    rank: int = 0,
+    world_size: int = 1,
+) -> StreamingLoader:
+    """A loader for one split; fails early with a clear message when the data can't work."""
+    shardset = open_split(cfg.shards, split)
+    dataset = ShardStream(shardset, cfg, vocab, rank=rank, world_size=world_size, mode=mode)
+    if mode == "train" and not cfg.resampled:
+        try:
+            dataset.plan()
+        except ValueError as err:
+            raise DataError(f"{Path(cfg.shards) / split}: {err}; lower data.batch_size") from None
+    return StreamingLoader(dataset)

@@ -1,0 +1,255 @@
+"""The streaming dataset: a rank's DataLoader workers each read their slot of the epoch plan.
+
+Per worker, per epoch::
+
+    plan slot -> pieces of shards -> raw samples (bytes) -> shuffle buffer
+              -> windows of batch_size raw samples -> decode + augment -> Batch
+
+Everything random (shard order, shuffle buffer, crop, flip, which caption) is drawn from
+generators seeded by ``(seed, epoch, ...)``; per-sample draws are seeded by the sample's
+key, so a sample is transformed the same way whichever worker or rank reads it. Skipping
+the first windows of a resumed epoch touches only raw bytes (no decoding), and reproduces
+exactly the batches an uninterrupted run would have produced next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from cmr.config import ConfigError
+from cmr.data.assign import EpochPlan, plan_epoch, resampled_shards, worker_batch_counts
+from cmr.data.batch import Batch, Sample, collate
+from cmr.data.decode import BadSample, decode_feature, decode_image, parse_text
+from cmr.data.source import ShardSet
+from cmr.data.tario import IMAGE_EXTENSIONS, Missing, read_piece
+from cmr.data.transforms import ImageTransformConfig, eval_transform, train_transform
+from cmr.data.vocab import VocabConfig, Vocabulary
+
+
+@dataclasses.dataclass
+class DataConfig:
+    shards: str  # dataset directory written by `python -m shards build ...`
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 64  # per rank (and per micro-batch under gradient accumulation)
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the main process
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 500  # raw samples held per worker for shuffling; 0 = off
+    shuffle_shards: bool = True
+    seed: int = 0
+    feature_dim: int | None = None  # precomputed features: checked on every sample
+    max_pixels: int = 89_478_485  # larger images are skipped (decompression bombs)
+    max_bad_fraction: float = 0.01  # stop when more skipped samples than this fraction
+    min_samples_for_bad_check: int = 200
+    resampled: bool = False  # draw shards with replacement (very large data)
+    samples_per_epoch: int | None = None  # required with resampled
+    image: ImageTransformConfig = dataclasses.field(default_factory=ImageTransformConfig)
+    vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "shuffle_buffer", "min_samples_for_bad_check"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", f"must be >= 1, got {self.max_pixels}")
+        if self.resampled and not self.samples_per_epoch:
+            raise ConfigError("samples_per_epoch", "is required when resampled is true")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError("samples_per_epoch", f"must be >= 1, got {self.samples_per_epoch}")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from any printable parts, equal in every process (unlike ``hash``)."""
+    text = ":".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle holding at most ``size`` items."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank, for one epoch at a time (``set_epoch``).
+
+    Give it to a ``torch.utils.data.DataLoader`` with ``batch_size=None``; it batches
+    itself because a batch is a fixed window of the slot's stream. Do not pass the
+    DataLoader to ``accelerator.prepare``: splitting by rank already happened here.
+    """
+
+    def __init__(
+        self,
+        shardset: ShardSet,
+        cfg: DataConfig,
+        vocab: Vocabulary,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: Literal["train", "eval"] = "train",
+    ):
+        self.shardset, self.cfg, self.vocab = shardset, cfg, vocab
+        self.rank, self.world_size, self.mode = rank, world_size, mode
+        self.epoch = 0
+        self.skip_windows: dict[int, int] = {}  # worker -> windows already consumed (resume)
+        # DataLoader serves workers round robin starting at worker 0; a run resumed after k
+        # batches must start at worker k % n, so physical worker p plays slot p + offset.
+        self.worker_offset = 0
+        self.feature_dim = None
+        if shardset.modality == "features":
+            self.feature_dim = cfg.feature_dim or shardset.feature_dim
+            if self.feature_dim is None:
+                raise ConfigError("data.feature_dim", "unknown: set it (the shards have no manifest)")
+
+    @property
+    def num_loader_workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan | None:
+        """The exact plan of an epoch (None in resampled mode, which has no exact plan)."""
+        if self.cfg.resampled and self.mode == "train":
+            return None
+        return plan_epoch(
+            list(self.shardset.sizes),
+            world_size=self.world_size,
+            num_workers=self.num_loader_workers,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            mode=self.mode,
+            shuffle=self.cfg.shuffle_shards and self.mode == "train",
+        )
+
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch; the same number on every rank."""
+        if self.cfg.resampled and self.mode == "train":
+            return self.cfg.samples_per_epoch // (self.world_size * self.cfg.batch_size)
+        return self.plan().num_batches_per_rank
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _raw_stream(self, worker: int) -> tuple[Iterator, int]:
+        """This worker's raw samples for the epoch (shuffled) and how many batches they make."""
+        paths, sizes = self.shardset.paths, self.shardset.sizes
+        if self.cfg.resampled and self.mode == "train":
+            num_batches = self._resampled_worker_batches(worker)
+            shards = resampled_shards(len(paths), self.cfg.seed, self.epoch, self.rank, worker)
+            raw = itertools.chain.from_iterable(
+                _named(read_piece(paths[i], 0, sizes[i]), paths[i].name) for i in shards
+            )
+            raw = itertools.islice(raw, num_batches * self.cfg.batch_size)
+        else:
+            slot = self.plan().slot(self.rank, worker)
+            num_batches = slot.num_batches
+            raw = itertools.chain.from_iterable(
+                _named(read_piece(paths[p.shard], p.start, p.stop), paths[p.shard].name)
+                for p in slot.pieces
+            )
+        if self.mode == "train" and self.cfg.shuffle_buffer:
+            rng = random.Random(stable_seed("buffer", self.cfg.seed, self.epoch, self.rank, worker))
+            raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, rng)
+        return raw, num_batches
+
+    def _resampled_worker_batches(self, worker: int) -> int:
+        return worker_batch_counts(self.num_batches(), self.num_loader_workers)[worker]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is not None and info.num_workers != self.num_loader_workers:
+            raise RuntimeError(f"dataset expects {self.num_loader_workers} workers, got {info.num_workers}")
+        worker = ((info.id if info is not None else 0) + self.worker_offset) % self.num_loader_workers
+        raw, num_batches = self._raw_stream(worker)
+        batch_size = self.cfg.batch_size
+        skip = self.skip_windows.get(worker, 0)
+        for window in range(num_batches):
+            items = list(itertools.islice(raw, batch_size))
+            if window < skip:
+                continue  # already consumed before the restart: raw bytes only, no decoding
+            skipped: Counter = Counter()
+            samples = [self._decode(item, skipped) for item in items]
+            yield collate(
+                samples,
+                eval_mode=self.mode == "eval",
+                pad_to=batch_size,
+                image_shape=self._image_shape(),
+                feature_dim=self.feature_dim,
+                skipped=skipped,
+                epoch=self.epoch,
+                worker=worker,
+                window=window,
+            )
+
+    def _image_shape(self) -> tuple[int, int, int] | None:
+        if self.shardset.modality == "features":
+            return None
+        return (3, self.cfg.image.size, self.cfg.image.size)
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def _decode(self, item: dict | Missing, skipped: Counter) -> Sample | None:
+        """The decoded sample, or None (and a count under its reason) if it is unusable."""
+        if isinstance(item, Missing):
+            skipped[item.reason] += 1
+            return None
+        try:
+            return self._decode_sample(item)
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            return None
+
+    def _decode_sample(self, raw: dict) -> Sample:
+        key = f"{raw['__shard__']}/{raw['__key__']}"
+        rng = random.Random(stable_seed("sample", self.cfg.seed, self.epoch, key))
+        captions, labels, source_id = parse_text(raw)
+        pixels = features = None
+        if self.shardset.modality == "features":
+            if "feat.npy" not in raw:
+                raise BadSample("missing_feature")
+            features = decode_feature(raw["feat.npy"], self.feature_dim)
+        else:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None:
+                raise BadSample("missing_image")
+            image = decode_image(raw[ext], max_pixels=self.cfg.max_pixels)
+            if self.mode == "train":
+                pixels = train_transform(image, self.cfg.image, rng)
+            else:
+                pixels = eval_transform(image, self.cfg.image)
+        max_tokens = self.cfg.vocab.max_caption_tokens
+        if self.mode == "train":
+            tokens = [self.vocab.encode(rng.choice(captions), max_tokens)]
+        else:
+            tokens = [self.vocab.encode(c, max_tokens) for c in captions]
+        return Sample(key=key, source_id=source_id, pixels=pixels, features=features, tokens=tokens, labels=labels)
+
+
+def _named(samples: Iterator, shard_name: str) -> Iterator:
+    for sample in samples:
+        if isinstance(sample, dict):
+            sample["__shard__"] = shard_name
+        yield sample

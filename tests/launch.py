@@ -1,0 +1,43 @@
+"""Launching real processes for tests: `accelerate launch` with N CPU processes over gloo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ACCELERATE_USE_CPU="1",  # with --multi_gpu: N CPU processes over gloo
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def accelerate_launch(script: str | Path, *args: str, num_processes: int = 2, timeout: float = 300,
+                      env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``script`` under the real launcher; ``--cpu`` would silently start one process, so
+    multi-process CPU runs use ``--multi_gpu`` with ACCELERATE_USE_CPU=1."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                "--main_process_port", str(free_port())]
+    else:
+        cmd += ["--num_processes", "1", "--cpu"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", *launcher_args, str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
