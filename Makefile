@@ -9,17 +9,22 @@ DATA   ?= data/emoji
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-shards: $(STAMP)
+shards: $(DATA)/train/manifest.json
+
+$(DATA)/train/manifest.json: $(STAMP)
 	$(PY) -m shards build emoji --out $(DATA)
 
+# Until the trainer lands (issue 4), the demo builds the default shards, checks them and
+# streams one epoch through the training pipeline.
 demo: shards
+	$(PY) -m shards validate $(DATA)
 	$(PY) -m shards inspect $(DATA)
+	$(PY) launch/stream.py --config configs/emoji.yaml --set data.shards=$(DATA) --epochs 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -29,6 +34,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/reward_throughput.py
 
 clean:
 	rm -rf $(VENV) data build *.egg-info

@@ -31,7 +31,7 @@ from cmr.data.batch import Batch, Sample, collate
 from cmr.data.decode import BadSample, decode_feature, decode_image, parse_text
 from cmr.data.source import ShardSet
 from cmr.data.tario import IMAGE_EXTENSIONS, Missing, read_piece
-from cmr.data.transforms import ImageTransformConfig, eval_transform, train_transform
+from cmr.data.transforms import ImageTransformConfig, decode_min_side, eval_transform, train_transform
 from cmr.data.vocab import VocabConfig, Vocabulary
 
 
@@ -235,7 +235,9 @@ class ShardStream(IterableDataset):
             ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
             if ext is None:
                 raise BadSample("missing_image")
-            image = decode_image(raw[ext], max_pixels=self.cfg.max_pixels)
+            # Large photos decode at a reduced JPEG scale that still covers any crop.
+            min_side = decode_min_side(self.cfg.image, train=self.mode == "train")
+            image = decode_image(raw[ext], max_pixels=self.cfg.max_pixels, target_min_side=min_side)
             if self.mode == "train":
                 pixels = train_transform(image, self.cfg.image, rng)
             else:
