@@ -19,6 +19,7 @@ from cmr.data.pipeline import DataConfig
 from cmr.losses import LossWeights
 from cmr.models.lim import LIMConfig
 from cmr.reward import RewardConfig
+from cmr.train.config import TrainConfig
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class ExperimentConfig:
     model: LIMConfig = dataclasses.field(default_factory=LIMConfig)
     loss: LossWeights = dataclasses.field(default_factory=LossWeights)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         image = self.model.image_encoder

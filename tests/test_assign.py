@@ -20,11 +20,11 @@ def covered(plan, sizes):
     return seen
 
 
-def check_train_plan(plan, sizes, world, workers, batch):
+def check_train_plan(plan, sizes, world, workers, batch, multiple=1):
     seen = covered(plan, sizes)
     assert seen.max() == 1, "a sample was handed out twice"
     assert int(seen.sum()) + plan.num_dropped == sum(sizes)
-    assert plan.num_dropped < world * batch, "more dropped than one batch per rank"
+    assert plan.num_dropped < world * batch * multiple, "more dropped than one batch per rank"
     per_rank = Counter()
     for slot in plan.slots:
         assert slot.num_samples == slot.num_batches * batch
@@ -104,3 +104,12 @@ def test_worker_batch_counts_match_round_robin():
         assert sum(counts) == total
         order = [i % 3 for i in range(total)]
         assert [order.count(w) for w in range(3)] == counts
+
+
+def test_batch_multiple_makes_epochs_end_on_an_optimizer_step():
+    sizes = [37, 41, 29]  # 107 samples
+    plan = plan_epoch(sizes, world_size=2, num_workers=2, batch_size=4, seed=0, epoch=0, batch_multiple=3)
+    assert plan.num_batches_per_rank == 12  # 107 // 8 = 13 -> 12
+    check_train_plan(plan, sizes, 2, 2, 4, multiple=3)
+    with pytest.raises(ValueError, match=r"2 ranks x batch 4 x 3 accumulation steps = 24\)"):
+        plan_epoch([20], world_size=2, num_workers=1, batch_size=4, seed=0, epoch=0, batch_multiple=3)

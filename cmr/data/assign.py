@@ -110,9 +110,11 @@ def plan_epoch(
     epoch: int,
     mode: str = "train",
     shuffle: bool = True,
+    batch_multiple: int = 1,
 ) -> EpochPlan:
     """The plan of one epoch; see the module docstring. ``num_workers`` counts a main-process
-    loader as 1."""
+    loader as 1. In train mode the batches per rank are rounded down to a multiple of
+    ``batch_multiple`` (gradient accumulation: an epoch ends on an optimizer step)."""
     if world_size < 1 or num_workers < 1 or batch_size < 1:
         raise ValueError("world_size, num_workers and batch_size must be >= 1")
     if mode not in ("train", "eval"):
@@ -121,11 +123,14 @@ def plan_epoch(
     offsets = [0, *itertools.accumulate(shard_sizes[s] for s in order)]
     total = offsets[-1]
     if mode == "train":
-        per_rank = total // (world_size * batch_size)
+        per_rank = total // (world_size * batch_size) // batch_multiple * batch_multiple
         if per_rank == 0:
+            need = world_size * batch_size * batch_multiple
             raise ValueError(
                 f"{total} samples are fewer than one batch per rank "
-                f"({world_size} ranks x batch {batch_size} = {world_size * batch_size})"
+                f"({world_size} ranks x batch {batch_size}"
+                + (f" x {batch_multiple} accumulation steps" if batch_multiple > 1 else "")
+                + f" = {need})"
             )
         rank_starts = [r * per_rank * batch_size for r in range(world_size + 1)]
         dropped, padded = total - world_size * per_rank * batch_size, 0

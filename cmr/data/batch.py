@@ -19,7 +19,8 @@ class Sample:
     source_id: Any  # the dataset's own id of the sample, if it has one
     pixels: torch.Tensor | None  # uint8 [3, H, W]
     features: torch.Tensor | None  # float32 [D]
-    tokens: list[list[int]]  # train: the caption drawn this epoch; eval: all captions
+    tokens: list[int]  # train: the caption drawn this epoch; eval: the first caption
+    all_tokens: list[list[int]]  # every caption of the sample (references for BLEU, eval)
     labels: Any
 
 
@@ -33,8 +34,9 @@ class Batch:
     ``mask`` marks real rows. Training batches have no padding rows (they are short only
     if corrupt samples were skipped in their window); evaluation batches are padded to a
     fixed size so every rank runs the same number of equal batches.
-    In evaluation, ``captions`` holds each sample's first caption and ``all_captions`` every
-    caption, with ``caption_owner[i]`` the row of the sample caption ``i`` belongs to.
+    ``captions`` holds one caption per row (training: the one drawn for this epoch;
+    evaluation: the first) and ``all_captions`` every caption of every real row, with
+    ``caption_owner[i]`` the row caption ``i`` belongs to (references for BLEU, evaluation).
     """
 
     images: torch.Tensor | None  # uint8 [B, 3, H, W] (pixel datasets)
@@ -45,7 +47,7 @@ class Batch:
     keys: list[str]
     ids: list[Any]  # the dataset's own ids (e.g. the emoji code point, the COCO id)
     labels: list[Any]
-    all_captions: torch.Tensor | None = None  # int64 [C, L] (eval)
+    all_captions: torch.Tensor | None = None  # int64 [C, L]
     all_lengths: torch.Tensor | None = None  # int64 [C]
     caption_owner: torch.Tensor | None = None  # int64 [C]
     # Where the batch came from, for exact resumption, and what was skipped on the way.
@@ -61,6 +63,14 @@ class Batch:
     @property
     def num_samples(self) -> int:
         return int(self.mask.sum())
+
+    def references(self) -> list[list[list[int]]]:
+        """Per row, the token ids of each of its captions (none for padding rows)."""
+        refs: list[list[list[int]]] = [[] for _ in range(self.size)]
+        for caption, length, owner in zip(self.all_captions.tolist(), self.all_lengths.tolist(),
+                                          self.caption_owner.tolist()):
+            refs[owner].append(caption[:length])
+        return refs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         moved = {
@@ -106,8 +116,7 @@ def collate(
         for i, s in enumerate(rows):
             if s is not None:
                 features[i] = s.features
-    first = [s.tokens[0] if s is not None else [] for s in rows]
-    captions, lengths = pad_captions(first)
+    captions, lengths = pad_captions([s.tokens if s is not None else [] for s in rows])
     batch = Batch(
         images=images,
         features=features,
@@ -122,9 +131,8 @@ def collate(
         window=window,
         skipped=dict(skipped),
     )
-    if eval_mode:
-        owner = [i for i, s in enumerate(rows) if s is not None for _ in s.tokens]
-        every = [t for s in rows if s is not None for t in s.tokens]
-        batch.all_captions, batch.all_lengths = pad_captions(every)
-        batch.caption_owner = torch.tensor(owner, dtype=torch.long)
+    owner = [i for i, s in enumerate(rows) if s is not None for _ in s.all_tokens]
+    every = [t for s in rows if s is not None for t in s.all_tokens]
+    batch.all_captions, batch.all_lengths = pad_captions(every)
+    batch.caption_owner = torch.tensor(owner, dtype=torch.long)
     return batch

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch.utils.data import DataLoader
 
 from cmr.data.assign import worker_batch_counts
@@ -76,6 +77,9 @@ class StreamingLoader:
             num_workers=num_workers,
             prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
             persistent_workers=False,  # a new epoch needs the workers to see the new plan
+            # Workers draw their base seed from this, not from the global torch RNG, so starting
+            # an epoch (or resuming mid-epoch) leaves the trainer's random stream untouched.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def _check_bad_fraction(self) -> None:
@@ -125,7 +129,8 @@ class StreamingLoader:
         """Train batches per rank for another world size (the count does not depend on the
         number of workers or the epoch)."""
         total = self.cfg.samples_per_epoch if self.cfg.resampled else self.dataset.shardset.num_samples
-        return total // (world_size * self.cfg.batch_size)
+        multiple = self.dataset.batch_multiple
+        return total // (world_size * self.cfg.batch_size) // multiple * multiple
 
     def seek(self, epoch: int, batches_done: int) -> None:
         """Continue ``epoch`` after this rank's first ``batches_done`` batches (the position
@@ -166,10 +171,15 @@ def build_loader(
     mode: Literal["train", "eval"],
     rank: int = 0,
     world_size: int = 1,
+    batch_multiple: int = 1,
 ) -> StreamingLoader:
-    """A loader for one split; fails early with a clear message when the data can't work."""
+    """A loader for one split; fails early with a clear message when the data can't work.
+
+    ``batch_multiple``: training epochs hold a multiple of this many batches per rank (the
+    gradient accumulation steps, so every epoch ends on an optimizer step)."""
     shardset = open_split(cfg.shards, split)
-    dataset = ShardStream(shardset, cfg, vocab, rank=rank, world_size=world_size, mode=mode)
+    dataset = ShardStream(shardset, cfg, vocab, rank=rank, world_size=world_size, mode=mode,
+                          batch_multiple=batch_multiple)
     if mode == "train" and not cfg.resampled:
         try:
             dataset.plan()

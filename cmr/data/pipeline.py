@@ -112,9 +112,11 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         mode: Literal["train", "eval"] = "train",
+        batch_multiple: int = 1,
     ):
         self.shardset, self.cfg, self.vocab = shardset, cfg, vocab
         self.rank, self.world_size, self.mode = rank, world_size, mode
+        self.batch_multiple = batch_multiple
         self.epoch = 0
         self.skip_windows: dict[int, int] = {}  # worker -> windows already consumed (resume)
         # DataLoader serves workers round robin starting at worker 0; a run resumed after k
@@ -143,12 +145,14 @@ class ShardStream(IterableDataset):
             epoch=self.epoch if epoch is None else epoch,
             mode=self.mode,
             shuffle=self.cfg.shuffle_shards and self.mode == "train",
+            batch_multiple=self.batch_multiple,
         )
 
     def num_batches(self) -> int:
         """Batches this rank yields per epoch; the same number on every rank."""
         if self.cfg.resampled and self.mode == "train":
-            return self.cfg.samples_per_epoch // (self.world_size * self.cfg.batch_size)
+            per_rank = self.cfg.samples_per_epoch // (self.world_size * self.cfg.batch_size)
+            return per_rank // self.batch_multiple * self.batch_multiple
         return self.plan().num_batches_per_rank
 
     # -- reading ---------------------------------------------------------------------------
@@ -243,11 +247,11 @@ class ShardStream(IterableDataset):
             else:
                 pixels = eval_transform(image, self.cfg.image)
         max_tokens = self.cfg.vocab.max_caption_tokens
-        if self.mode == "train":
-            tokens = [self.vocab.encode(rng.choice(captions), max_tokens)]
-        else:
-            tokens = [self.vocab.encode(c, max_tokens) for c in captions]
-        return Sample(key=key, source_id=source_id, pixels=pixels, features=features, tokens=tokens, labels=labels)
+        all_tokens = [self.vocab.encode(c, max_tokens) for c in captions]
+        # Training sees one caption per image per epoch, drawn by the sample's own generator.
+        tokens = rng.choice(all_tokens) if self.mode == "train" else all_tokens[0]
+        return Sample(key=key, source_id=source_id, pixels=pixels, features=features, tokens=tokens,
+                      all_tokens=all_tokens, labels=labels)
 
 
 def _named(samples: Iterator, shard_name: str) -> Iterator:

@@ -54,7 +54,8 @@ class LIMConfig:
 class LIMOutputs:
     """What one forward pass produced; parts that were switched off stay None.
 
-    Field names match ``cmr.losses.LossInputs`` so ``LossInputs(**outputs.as_dict(), ...)`` works.
+    Field names match ``cmr.losses.LossInputs`` (ids such as ``sample_ids`` and ``greedy_ids``
+    are extra: they feed the reward, not a loss).
     """
 
     img_emb: torch.Tensor  # [B, E], L2-normalised
@@ -66,6 +67,11 @@ class LIMOutputs:
     imagine_fake_logits: torch.Tensor | None = None  # [B]
     decoder_logits: torch.Tensor | None = None  # [B, L-1, V], teacher-forced
     decoder_targets: torch.Tensor | None = None  # [B, L-1], captions shifted by one
+    # Self-critical sequence training: a sampled caption (with gradient) and the greedy one.
+    sample_ids: torch.Tensor | None = None  # [B, T]
+    sample_logprobs: torch.Tensor | None = None  # [B, T]
+    sample_mask: torch.Tensor | None = None  # [B, T]
+    greedy_ids: torch.Tensor | None = None  # [B, T], no gradient
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
         # Not dataclasses.asdict: that deep-copies, which fails on tensors inside a graph.
@@ -101,6 +107,7 @@ class LookImagineMatch(nn.Module):
             self.imagine_disc = Discriminator(embed_dim, adv.disc_hidden_dims, adv.negative_slope)
         if cfg.decoder.enabled:
             self.decoder = CaptionDecoder(cfg.decoder, vocab_size, embed_dim)
+        self.frozen_groups: set[str] = set()
         self.set_training_progress(0.0)
 
     # --- the parts -------------------------------------------------------------------------
@@ -120,10 +127,15 @@ class LookImagineMatch(nn.Module):
         modality: bool | None = None,
         imagine: bool | None = None,
         caption: bool | None = None,
+        scst: bool = False,
+        temperature: float = 1.0,
     ) -> LIMOutputs:
         """images [B, ...] and their captions [B, L] (<start> ... <end>, padded with 0).
 
         Each flag: None runs the part if the model has it, True requires it, False skips it.
+        ``scst`` also samples a caption per image (multinomial at ``temperature``) and decodes
+        the greedy one as its baseline. It happens here, inside ``forward``, so a DDP or
+        DeepSpeed wrapper sees the decoder's use and reduces its gradients.
         """
         img_emb = self.encode_image(images)
         txt_emb = self.encode_text(captions, lengths)
@@ -139,6 +151,13 @@ class LookImagineMatch(nn.Module):
             # Input drops the last column, targets the first (<start>): logit t predicts word t+1.
             out.decoder_logits = self.decoder(img_emb, captions[:, :-1])
             out.decoder_targets = captions[:, 1:]
+        if scst:
+            self._runs("scst", True, self.decoder)
+            out.sample_ids, out.sample_logprobs, out.sample_mask = self.decoder.sample(
+                img_emb, temperature=temperature
+            )
+            with torch.no_grad():
+                out.greedy_ids, _, _ = self.decoder.sample(img_emb.detach(), greedy=True)
         return out
 
     @staticmethod
@@ -169,11 +188,10 @@ class LookImagineMatch(nn.Module):
             if disc is not None:
                 disc.grl.lambda_ = float(lambda_)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Every parameter in exactly one named group (frozen ones too); no empty groups."""
-        backbone = self.image_encoder.backbone
+    def group_modules(self) -> dict[str, nn.Module]:
+        """The model's parts by group name; parts without parameters are left out."""
         groups = {
-            "image_backbone": backbone,
+            "image_backbone": self.image_encoder.backbone,
             "image_head": self.image_encoder.head,
             "text_encoder": self.text_encoder,
             "modality_disc": self.modality_disc,
@@ -182,21 +200,37 @@ class LookImagineMatch(nn.Module):
             "decoder": self.decoder,
         }
         return {
-            name: list(module.parameters())
+            name: module
             for name, module in groups.items()
             if module is not None and any(True for _ in module.parameters())
         }
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter in exactly one named group (frozen ones too); no empty groups."""
+        return {name: list(module.parameters()) for name, module in self.group_modules().items()}
+
     def set_trainable(self, group: str, trainable: bool) -> None:
-        """Freeze or unfreeze a ``param_groups()`` group (a frozen backbone also stays in eval)."""
+        """Freeze or unfreeze a ``param_groups()`` group. A frozen group also stays in eval
+        mode, so its BatchNorm statistics don't drift while its weights are "frozen"."""
         if group == "image_backbone" and self.image_encoder.backbone is not None:
             self.image_encoder.set_backbone_trainable(trainable)
             return
-        groups = self.param_groups()
-        if group not in groups:
-            raise ValueError(f"unknown parameter group {group!r}; this model has {sorted(groups)}")
-        for param in groups[group]:
+        modules = self.group_modules()
+        if group not in modules:
+            raise ValueError(f"unknown parameter group {group!r}; this model has {sorted(modules)}")
+        for param in modules[group].parameters():
             param.requires_grad_(trainable)
+        self.frozen_groups.discard(group)
+        if not trainable:
+            self.frozen_groups.add(group)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "LookImagineMatch":
+        super().train(mode)
+        modules = self.group_modules()
+        for group in self.frozen_groups:
+            modules[group].eval()
+        return self
 
 
 def build_model(cfg: LIMConfig, vocab_words: list[str]) -> LookImagineMatch:

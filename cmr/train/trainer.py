@@ -1,0 +1,291 @@
+"""The Trainer: the stage schedule over a streaming loader, under accelerate.
+
+``train()`` only walks epochs and steps and calls ``train_step``, the checkpointer and the
+metrics; everything else is a small method. All ranks run the same control flow: every
+decision that could differ between ranks (a non-finite loss, a preemption signal) is first
+agreed on with one all-reduce, so no rank ever skips a collective the others enter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from cmr.config import save_config, to_dict
+from cmr.data.loader import build_loader, build_vocabulary
+from cmr.data.vocab import Vocabulary
+from cmr.models.lim import build_model
+from cmr.reward import RewardPool
+from cmr.train.checkpoint import Checkpointer
+from cmr.train.metrics import MetricsLogger, wandb_mode
+from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, uses_deepspeed
+from cmr.train.preemption import PreemptionHandler, requeue_slurm_job
+from cmr.train.schedule import StagePlan
+from cmr.train.step import forward_and_losses, model_inputs, stage_weights
+
+
+def _metric_name(component: str) -> str:
+    return "reward/sampled_mean" if component == "reward" else f"loss/{component}"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. losses keep coming out non-finite); the message says why."""
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: str | Path, resume: str | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        tcfg = cfg.train
+        self.accelerator = build_accelerator(tcfg, self.run_dir, "wandb" if tcfg.logging.wandb else None)
+        acc = self.accelerator
+        self.checkpointer = Checkpointer(acc, self.run_dir, tcfg.checkpoint)
+        resume_path = self.checkpointer.resolve(resume)
+        set_seed(cfg.seed)
+        self.vocab = self._vocabulary(resume_path)
+        k = tcfg.gradient_accumulation_steps
+        self.loader = build_loader(cfg.data, self.vocab, split=cfg.data.train_split, mode="train",
+                                   rank=acc.process_index, world_size=acc.num_processes, batch_multiple=k)
+        check_launch(acc, tcfg, cfg.data.batch_size)
+        model = build_model(cfg.model, self.vocab.itos)
+        groups = model.param_groups()
+        self.groups = list(groups)
+        optimizer = build_optimizer(model, groups, tcfg.optimizer)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
+        self.reward_pool = RewardPool(cfg.reward) if any(s.losses.get("scst", 0) > 0 for s in tcfg.stages) else None
+        self.metrics = MetricsLogger(acc, self.run_dir, tcfg.logging)
+        self.preemption = PreemptionHandler()
+        self.global_step = self.epoch = 0
+        self.nonfinite_in_row = self.nonfinite_total = 0
+        self.stage_index = -1
+        if resume_path is not None:
+            self._load(resume_path)
+        self._start_run_dir()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _vocabulary(self, resume_path: Path | None) -> Vocabulary:
+        """A resumed run keeps its vocabulary (word ids must not move under the model)."""
+        if resume_path is not None:
+            return Vocabulary.from_dict(json.loads(self.checkpointer.read_file(resume_path, "vocab.json")))
+        return build_vocabulary(self.cfg.data)
+
+    def _start_run_dir(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.vocab.save(self.run_dir / "vocab.json")
+            self._truncate_metrics()
+        if self.cfg.train.logging.wandb:
+            mode = wandb_mode(self.cfg.train.logging)
+            wandb_kwargs = {"dir": str(self.run_dir), "name": self.cfg.name, "mode": mode,
+                            "id": self._wandb_run_id(), "resume": "allow"}
+            acc.init_trackers(self.cfg.train.logging.wandb_project, config=to_dict(self.cfg),
+                              init_kwargs={"wandb": wandb_kwargs})
+        acc.wait_for_everyone()
+
+    def _wandb_run_id(self) -> str:
+        """One wandb run per run dir, so a resumed (or requeued) run continues its charts."""
+        path = self.run_dir / "wandb_run_id"
+        if self.accelerator.is_main_process and not path.exists():
+            import uuid
+
+            path.write_text(uuid.uuid4().hex[:12])
+        self.accelerator.wait_for_everyone()
+        return path.read_text().strip()
+
+    def _truncate_metrics(self) -> None:
+        """After a resume, drop records logged after the checkpoint: they are logged again."""
+        path = self.metrics.path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.global_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Run the remaining schedule; returns "done", "preempted" or "max_steps"."""
+        self.metrics.start_progress(self.plan.total_steps, self.global_step)
+        try:
+            with self.preemption:
+                outcome = self._run_epochs()
+            self.accelerator.end_training()
+            return outcome
+        finally:
+            self.metrics.close()
+            if self.reward_pool is not None:
+                self.reward_pool.close()
+
+    def _run_epochs(self) -> str:
+        max_steps = self.cfg.train.max_steps
+        while self.epoch < self.plan.epoch_starts[-1]:
+            self._enter_stage(self.plan.stage_index_of_epoch(self.epoch))
+            self.loader.set_epoch(self.epoch)
+            for batch, wait_s in self._timed(self.loader):
+                stepped, preempted = self.train_step(batch, wait_s)
+                if not stepped:
+                    continue
+                self.global_step += 1
+                if self.global_step % self.cfg.train.logging.every_n_steps == 0:
+                    self.log()
+                if preempted:
+                    return self._preempt()
+                if max_steps and self.global_step >= max_steps:
+                    self.save()
+                    return "max_steps"
+                every = self.cfg.train.checkpoint.every_n_steps
+                if every and self.global_step % every == 0:
+                    self.save()
+            self.epoch += 1
+            if self.epoch in self.plan.epoch_starts[1:]:
+                self.save()  # end of a stage
+        return "done"
+
+    def _timed(self, loader):
+        """Batches with the time spent waiting for each (data-wait shows a starved GPU)."""
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            yield batch, time.perf_counter() - start
+
+    def _enter_stage(self, index: int) -> None:
+        """Freeze/unfreeze through the same model and optimizer; nothing is rebuilt."""
+        if index == self.stage_index:
+            return
+        self.stage_index = index
+        stage = self.cfg.train.stages[index]
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = stage.groups
+        if self.cfg.model.image_encoder.freeze_backbone:
+            trainable = trainable - {"image_backbone"}
+        for group in self.groups:
+            model.set_trainable(group, group in trainable)
+        self.trainable = trainable
+        self.weights = stage_weights(self.cfg.loss, stage, self.cfg.train.gradient_accumulation_steps)
+        self.model.train()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def train_step(self, batch, wait_s: float) -> tuple[bool, bool]:
+        """One micro-batch. Returns (an optimizer step ended here, all ranks agree to stop)."""
+        acc, stage = self.accelerator, self.cfg.train.stages[self.stage_index]
+        self._set_lr_and_lambda()
+        with acc.accumulate(self.model):
+            inputs = model_inputs(batch, self.cfg.data.image.mean, self.cfg.data.image.std, acc.device)
+            total, components = forward_and_losses(self.model, batch, inputs, self.weights, stage, self.reward_pool)
+            nonfinite, preempted = self._agree(not torch.isfinite(total).item(), self.preemption.requested)
+            if nonfinite:
+                # This micro-batch contributes nothing. Under DDP, a skipped backward at the
+                # end of a window also skips the gradient all-reduce, so the window's local
+                # gradients are dropped rather than stepped on unsynchronised.
+                self._skip_nonfinite()
+            else:
+                self.nonfinite_in_row = 0
+                acc.backward(total)
+            values = {} if nonfinite else {_metric_name(k): float(v) for k, v in components.items()}
+            if not nonfinite:
+                values["loss/total"] = float(total.detach())
+            if acc.sync_gradients and not nonfinite:
+                grad_norm = self._clip()
+                if grad_norm is not None:
+                    values["grad_norm"] = grad_norm
+            if not nonfinite or uses_deepspeed(acc):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.metrics.record(values, batch.num_samples, wait_s, end_of_step=acc.sync_gradients)
+        return acc.sync_gradients, preempted
+
+    def _set_lr_and_lambda(self) -> None:
+        lr = self.plan.lr_at(self.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if group["name"] in self.trainable else 0.0
+        progress = self.global_step / max(1, self.plan.total_steps)
+        self.grl_lambda = self.accelerator.unwrap_model(self.model).set_training_progress(progress)
+
+    def _agree(self, nonfinite: bool, preempt: bool) -> tuple[bool, bool]:
+        """One all-reduce: did any rank see a non-finite loss, or a preemption signal?"""
+        flags = torch.tensor([float(nonfinite), float(preempt)], device=self.accelerator.device)
+        flags = self.accelerator.reduce(flags, reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.nonfinite_in_row >= limit:
+            latest = self.checkpointer.latest()
+            raise TrainingError(
+                f"the loss was non-finite (nan/inf) {self.nonfinite_in_row} steps in a row at step "
+                f"{self.global_step} (train.max_consecutive_nonfinite={limit}); the last good "
+                f"checkpoint is {latest or 'none'}: lower the learning rate or check the data"
+            )
+        if uses_deepspeed(self.accelerator):
+            # The engine counts micro-steps itself, so it must see a backward: give it an
+            # all-zero gradient instead of the non-finite one.
+            zero = sum(p.sum() for p in self.model.parameters()) * 0.0
+            self.accelerator.backward(zero)
+
+    def _clip(self) -> float | None:
+        max_norm = self.cfg.train.optimizer.grad_clip or float("inf")
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        return None if norm is None else float(norm)
+
+    # -- logging, checkpoints, preemption ---------------------------------------------------
+
+    def log(self) -> None:
+        stage = self.cfg.train.stages[self.stage_index]
+        context = {"epoch": self.epoch, "stage": stage.name, "stage_index": self.stage_index}
+        extra = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+        extra.update(grl_lambda=self.grl_lambda, nonfinite_skipped=self.nonfinite_total,
+                     dropped_remainder=self.loader.num_dropped)
+        self.metrics.log(self.global_step, context, self.loader.skip_counts, extra)
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "stage_index": self.stage_index,
+            "loader": self.loader.state_dict(),
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "nonfinite_total": self.nonfinite_total,
+            "metrics": self.metrics.state_dict(),
+        }
+
+    def _sync_buffers(self) -> None:
+        """BatchNorm running statistics are updated by each rank from its own batches (DDP
+        re-broadcasts rank 0's at the next forward, DeepSpeed never): average them before a
+        save, so every rank and the checkpoint hold one and the same model."""
+        if self.accelerator.num_processes == 1:
+            return
+        for buffer in self.accelerator.unwrap_model(self.model).buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(self.accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+
+    def save(self) -> Path:
+        self._sync_buffers()
+        files = {"vocab.json": json.dumps(self.vocab.to_dict()), "config.yaml": (self.run_dir / "config.yaml").read_text()
+                 if (self.run_dir / "config.yaml").exists() else ""}
+        return self.checkpointer.save(self.global_step, self.state_dict(), files)
+
+    def _load(self, path: Path) -> None:
+        state = self.checkpointer.load(path)
+        self.global_step, self.epoch = state["global_step"], state["epoch"]
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
+        self.loader.load_state_dict(state["loader"])
+        self.metrics.load_state_dict(state.get("metrics", {}))
+        self.accelerator.print(f"resumed from {path} at step {self.global_step}, epoch {self.epoch}")
+
+    def _preempt(self) -> str:
+        path = self.save()
+        message = requeue_slurm_job() if self.accelerator.is_main_process else ""
+        self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}; {message}")
+        return "preempted"

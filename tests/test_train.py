@@ -1,0 +1,223 @@
+"""The trainer through the real `accelerate launch`, on CPU (gloo), declared as data.
+
+Each case is a set of config overrides and a process count; every run trains the tiny
+3-stage config of tests/fixtures/tiny_train.yaml on tiny real shards.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.launch import REPO, accelerate_launch, cpu_env, deepspeed_env, free_port
+from tests.tiny_data import write_split
+
+DRIVER = REPO / "tests" / "dist" / "train_driver.py"
+TRAIN = REPO / "launch" / "train.py"
+TINY = REPO / "tests" / "fixtures" / "tiny_train.yaml"
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+CASES = [
+    {"id": "1proc-ddp-path", "procs": 1, "overrides": []},
+    {"id": "2proc-ddp", "procs": 2, "overrides": []},
+    {"id": "2proc-accumulate-2", "procs": 2, "overrides": ["train.gradient_accumulation_steps=2", "data.batch_size=4"]},
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_shards")
+    write_split(root, "train", 48, shard_size=6)
+    return root
+
+
+def train_args(shards, run_dir, *overrides, config=TINY):
+    args = ["--config", str(config), "--set", f"data.shards={shards}", "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records):
+    return [{k: v for k, v in r.items() if k.startswith(("loss/", "reward/")) or k in ("step", "epoch", "stage")}
+            for r in records]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
+    return result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_three_stage_run_trains_and_ranks_agree(case, shards, tmp_path):
+    run = tmp_path / "run"
+    ok(accelerate_launch(DRIVER, *train_args(shards, run, *case["overrides"]), num_processes=case["procs"]))
+    records = metrics(run)
+    assert [r["stage"] for r in records][0] == "encoders" and records[-1]["stage"] == "joint"
+    assert {r["stage"] for r in records} == {"encoders", "discriminators", "joint"}
+    stage1 = [r["loss/triplet"] for r in records if r["stage"] == "encoders"]
+    assert sum(stage1[-3:]) / 3 < sum(stage1[:3]) / 3, f"triplet loss did not go down: {stage1}"
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in range(case["procs"])]
+    assert {r["world"] for r in reports} == {case["procs"]}
+    assert len({r["params_sha256"] for r in reports}) == 1, "replicas diverged"
+    assert len({r["buffers_sha256"] for r in reports}) == 1, "BatchNorm statistics diverged"
+    # Frozen groups really get lr 0 in their stage, trained ones the stage lr.
+    disc = next(r for r in records if r["stage"] == "discriminators")
+    assert disc["lr/text_encoder"] == 0.0 and disc["lr/modality_disc"] > 0
+    assert (run / "config.yaml").exists() and (run / "vocab.json").exists()
+    assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(ckpts) == 3 and all(name.startswith("step-") for name in ckpts)
+
+
+def test_deepspeed_zero2_two_ranks(shards, tmp_path):
+    run = tmp_path / "run"
+    env, config = deepspeed_env(), REPO / "configs" / "accelerate" / "cpu_deepspeed_zero2.yaml"
+    args = train_args(shards, run, "train.max_steps=6", "train.checkpoint.every_n_steps=3")
+    ok(accelerate_launch(DRIVER, *args, env=env, config_file=config))
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["distributed_type"] for r in reports} == {"DistributedType.DEEPSPEED"}
+    assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world"] for r in reports} == {2}
+    assert len({r["params_sha256"] for r in reports}) == 1
+    assert len({r["buffers_sha256"] for r in reports}) == 1
+    first = metrics(run)
+    assert first[-1]["step"] == 6
+    # Resume from the saved engine state and go on.
+    ok(accelerate_launch(DRIVER, *train_args(shards, run, "train.max_steps=9"), "--resume", "auto",
+                         env=env, config_file=config))
+    after = metrics(run)
+    assert [r["step"] for r in after] == list(range(1, 10))
+    assert losses(after[:6]) == losses(first)
+
+
+def start_training(shards, run_dir, *overrides, env):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(TRAIN), *train_args(shards, run_dir, *overrides), "--resume", "auto"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+
+
+def wait_for_step(run_dir, step, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        assert process.poll() is None, process.stdout.read()[-4000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(shards, tmp_path):
+    env = cpu_env()
+    every = "train.checkpoint.every_n_steps=5"  # 3 steps per epoch: step 10 is mid-epoch 3
+    reference = tmp_path / "reference"
+    ok(accelerate_launch(TRAIN, *train_args(shards, reference, every)))
+    run = tmp_path / "killed"
+    process = start_training(shards, run, every, env=env)
+    wait_for_step(run, 11, process)  # checkpoints at 5, 6 (stage end), 9 (stage end), 10
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert metrics(run)[-1]["step"] < 15
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, every), "--resume", "auto"))
+    assert losses(metrics(run)) == losses(metrics(reference))
+
+
+def test_sigusr1_checkpoints_requeues_and_the_rerun_resumes(shards, tmp_path):
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    (stub_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (stub_dir / "scontrol").chmod(0o755)
+    env = cpu_env(SLURM_JOB_ID="4242", PATH=f"{stub_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    # Batches of 2: 60 steps, so the signal lands mid-run.
+    process = start_training(shards, run, "data.batch_size=2", env=env)
+    wait_for_step(run, 3, process)
+    import psutil
+
+    # The launcher's own children are the ranks (their DataLoader workers are grandchildren).
+    workers = [p for p in psutil.Process(process.pid).children() if "train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGUSR1)  # one rank hears it; all must agree to stop
+    output = process.communicate(timeout=180)[0]
+    assert process.returncode == 0, output[-4000:]
+    assert "preempted" in output and "training preempted" in output
+    assert calls.read_text().split() == ["requeue", "4242"]
+    stopped_at = metrics(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, "data.batch_size=2"), "--resume", "auto", env=env))
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 60
+
+
+def test_gradient_accumulation_matches_one_big_batch(shards, tmp_path):
+    """2 micro-batches x 4 give the parameters of 1 batch x 8, for per-sample losses."""
+    # The discriminator stage: encoders frozen (eval-mode BatchNorm), per-sample BCE losses.
+    common = ["train.stages=[{name: d, epochs: 1, train: [discriminators], losses: {modality_adv: 0.5, imagine_adv: 0.5}, lr: 0.01}]",
+              "train.max_steps=3", "data.num_workers=0", "train.optimizer.grad_clip=0"]
+    small, big = tmp_path / "small", tmp_path / "big"
+    ok(accelerate_launch(DRIVER, *train_args(shards, small, *common, "data.batch_size=4", "train.gradient_accumulation_steps=2"), num_processes=1))
+    ok(accelerate_launch(DRIVER, *train_args(shards, big, *common, "data.batch_size=8"), num_processes=1))
+    from safetensors.torch import load_file
+
+    a = load_file(str(small / "checkpoints" / "step-00000003" / "model.safetensors"))
+    b = load_file(str(big / "checkpoints" / "step-00000003" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-6, name
+        moved += name.startswith("modality_disc")
+    assert moved
+    la = [r["loss/modality_adv"] for r in metrics(small)]
+    lb = [r["loss/modality_adv"] for r in metrics(big)]
+    assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_multi_node_code_path_on_one_machine(shards, tmp_path):
+    run, port = tmp_path / "run", free_port()
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(machine_rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(DRIVER), *train_args(shards, run, "train.max_steps=4")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["world"] for r in reports} == {2} and len({r["params_sha256"] for r in reports}) == 1
+
+
+BAD_LAUNCHES = [
+    {"id": "too-little-data", "procs": 2, "overrides": ["data.batch_size=32"],
+     "message": "fewer than one batch per rank"},
+    {"id": "unknown-stage-group", "procs": 1, "overrides": ["train.stages=[{name: a, epochs: 1, train: [wings], losses: {triplet: 1}}]"],
+     "message": "train.stages[0].train: unknown parameter group 'wings'"},
+    {"id": "unknown-loss", "procs": 1, "overrides": ["train.stages=[{name: a, epochs: 1, train: [all], losses: {magic: 1}}]"],
+     "message": "train.stages[0].losses.magic: unknown loss"},
+    {"id": "accumulation-needs-more-data", "procs": 2, "overrides": ["train.gradient_accumulation_steps=4", "data.batch_size=8"],
+     "message": "x 4 accumulation steps"},
+]
+
+
+@pytest.mark.parametrize("case", BAD_LAUNCHES, ids=[c["id"] for c in BAD_LAUNCHES])
+def test_bad_configs_stop_before_training_with_a_clear_message(case, shards, tmp_path):
+    run = tmp_path / "run"
+    result = accelerate_launch(TRAIN, *train_args(shards, run, *case["overrides"]), num_processes=case["procs"])
+    assert result.returncode != 0
+    assert case["message"] in result.stderr
+    # One line from each rank; the only traceback may be the launcher's report of the exit
+    # code, never one from inside cmr.
+    assert not re.search(r'File ".*/(cmr|launch)/', result.stderr), result.stderr[-3000:]
+    assert not (run / "metrics.jsonl").exists()
