@@ -19,12 +19,19 @@ shards: $(DATA)/train/manifest.json
 $(DATA)/train/manifest.json: $(STAMP)
 	$(PY) -m shards build emoji --out $(DATA)
 
-# Until the trainer lands (issue 4), the demo builds the default shards, checks them and
-# streams one epoch through the training pipeline.
+# The demo: build the emoji shards, check them, train the scaled-down 3-stage schedule on
+# CPU (about 5 minutes on 2 cores), evaluate on the test split (with chance level) and draw a
+# search grid. Rerunning resumes/continues the same run.
+RUN ?= runs/emoji-demo
 demo: shards
 	$(PY) -m shards validate $(DATA)
-	$(PY) -m shards inspect $(DATA)
-	$(PY) launch/stream.py --config configs/emoji.yaml --set data.shards=$(DATA) --epochs 1
+	ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --num_processes 1 --cpu --mixed_precision no \
+	    --dynamo_backend no launch/train.py --config configs/emoji_demo.yaml \
+	    --set data.shards=$(DATA) --run-dir $(RUN) --resume auto
+	$(PY) launch/summary.py $(RUN)
+	$(PY) launch/eval.py --run-dir $(RUN) --split test
+	$(PY) launch/search.py --run-dir $(RUN) --split test --query "smiling cat face" --top-k 5 --grid $(RUN)/search.png
+	@echo "search grid: $(RUN)/search.png   metrics: $(RUN)/eval/test.json   wandb (offline): $(RUN)/wandb"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

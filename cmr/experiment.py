@@ -16,6 +16,7 @@ import yaml
 
 from cmr.config import ConfigError, add_config_arguments, config_from_args, save_config, to_dict
 from cmr.data.pipeline import DataConfig
+from cmr.eval import EvalConfig
 from cmr.losses import LossWeights
 from cmr.models.lim import LIMConfig
 from cmr.reward import RewardConfig
@@ -31,6 +32,7 @@ class ExperimentConfig:
     loss: LossWeights = dataclasses.field(default_factory=LossWeights)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         image = self.model.image_encoder

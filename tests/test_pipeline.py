@@ -236,3 +236,10 @@ def test_normalised_batch_matches_manual(dataset):
     std = torch.tensor(cfg.image.std).view(1, 3, 1, 1)
     assert torch.allclose(x, (batch.images.float() / 255 - mean) / std, atol=1e-6)
     assert np.isfinite(x.numpy()).all()
+
+
+def test_an_eval_loader_gives_the_whole_split_on_every_pass(dataset):
+    cfg = make_cfg(dataset, num_workers=2)
+    loader = build_loader(cfg, build_vocabulary(cfg), split="val", mode="eval")
+    first, second = ids_of(list(loader)), ids_of(list(loader))
+    assert first == second and len(first) == 11

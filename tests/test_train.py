@@ -33,6 +33,7 @@ CASES = [
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_shards")
     write_split(root, "train", 48, shard_size=6)
+    write_split(root, "val", 12, shard_size=6)
     return root
 
 
@@ -43,8 +44,17 @@ def train_args(shards, run_dir, *overrides, config=TINY):
     return args
 
 
-def metrics(run_dir):
+def all_records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(run_dir):
+    """The training records (evaluation records carry a "split")."""
+    return [r for r in all_records(run_dir) if "split" not in r]
+
+
+def evals(run_dir):
+    return [r for r in all_records(run_dir) if "split" in r]
 
 
 def losses(records):
@@ -74,6 +84,11 @@ def test_three_stage_run_trains_and_ranks_agree(case, shards, tmp_path):
     disc = next(r for r in records if r["stage"] == "discriminators")
     assert disc["lr/text_encoder"] == 0.0 and disc["lr/modality_disc"] > 0
     assert (run / "config.yaml").exists() and (run / "vocab.json").exists()
+    # Evaluated on the validation split after every epoch; the best model is kept for search.
+    assert [r["epoch"] for r in evals(run)] == [1, 2, 3, 4, 5]
+    assert all(r["eval/num_images"] == 12 and r["eval/rsum"] >= 0 for r in evals(run))
+    best = json.loads((run / "best" / "export.json").read_text())
+    assert best["metrics"]["rsum"] == max(r["eval/rsum"] for r in evals(run))
     assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run"
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(ckpts) == 3 and all(name.startswith("step-") for name in ckpts)
@@ -130,6 +145,7 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(shards, tmp_path):
     assert metrics(run)[-1]["step"] < 15
     ok(accelerate_launch(TRAIN, *train_args(shards, run, every), "--resume", "auto"))
     assert losses(metrics(run)) == losses(metrics(reference))
+    assert evals(run) == evals(reference)  # the same models were evaluated, bit for bit
 
 
 def test_sigusr1_checkpoints_requeues_and_the_rerun_resumes(shards, tmp_path):
@@ -221,3 +237,42 @@ def test_bad_configs_stop_before_training_with_a_clear_message(case, shards, tmp
     # code, never one from inside cmr.
     assert not re.search(r'File ".*/(cmr|launch)/', result.stderr), result.stderr[-3000:]
     assert not (run / "metrics.jsonl").exists()
+
+
+FAULT = REPO / "tests" / "dist" / "fault_driver.py"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_intact(shards, tmp_path):
+    run = tmp_path / "run"
+    # Steps 5..6 give nan once each (skipped and counted); from step 8 on always (the run stops).
+    common = ["train.max_consecutive_nonfinite=3", "train.checkpoint.every_n_steps=2"]
+    result = accelerate_launch(FAULT, *train_args(shards, run, *common), env=cpu_env(CMR_TEST_FAULT="nan@8"))
+    assert result.returncode != 0
+    assert "non-finite (nan/inf) 3 steps in a row" in result.stderr
+    assert "train.max_consecutive_nonfinite=3" in result.stderr and "last good checkpoint is" in result.stderr
+    records = metrics(run)
+    assert records[-1]["nonfinite_skipped"] >= 1
+    assert all(r["step"] <= 10 for r in records)
+    # The newest complete checkpoint is from before the losses went bad, and it loads.
+    latest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert latest.name == "step-00000008"
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, "train.max_steps=10"), "--resume", "auto"))
+    assert metrics(run)[-1]["step"] == 10
+
+
+def test_a_few_nonfinite_steps_are_skipped_and_counted(shards, tmp_path):
+    run = tmp_path / "run"
+    ok(accelerate_launch(FAULT, *train_args(shards, run, "train.max_steps=8"), env=cpu_env(CMR_TEST_FAULT="nan@3x2")))
+    records = metrics(run)
+    assert records[-1]["step"] == 8 and records[-1]["nonfinite_skipped"] == 2
+    skipped = [r for r in records if "loss/total" not in r]
+    assert [r["step"] for r in skipped] == [4, 5]  # no loss logged for the skipped steps
+
+
+def test_a_dead_rank_makes_the_others_exit_not_hang(shards, tmp_path):
+    run = tmp_path / "run"
+    start = time.time()
+    result = accelerate_launch(FAULT, *train_args(shards, run, "train.collective_timeout_s=30"),
+                               env=cpu_env(CMR_TEST_FAULT="die@4"), timeout=120)
+    assert result.returncode != 0
+    assert time.time() - start < 90

@@ -57,6 +57,8 @@ class StreamingLoader:
         return sum(self.windows_done)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.dataset.mode == "eval":
+            self.windows_done = [0] * self.dataset.num_loader_workers  # every pass is whole
         self.dataset.epoch = self.epoch
         self.dataset.skip_windows = dict(enumerate(self.windows_done))
         self.dataset.worker_offset = self.batches_done % self.dataset.num_loader_workers

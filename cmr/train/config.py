@@ -37,6 +37,9 @@ class StageConfig:
     decay_every_steps: int = 0  # step: multiply by decay_gamma every this many steps
     decay_gamma: float = 0.1
     sample_temperature: float = 1.0  # SCST sampling temperature
+    # Hardest negative only (VSE++) or the sum over negatives, for this stage; null = loss.max_violation.
+    # From scratch, hardest negatives tend to collapse the space: warm up with the sum first.
+    max_violation: bool | None = None
 
     def validate(self) -> None:
         if self.epochs < 0:

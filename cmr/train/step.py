@@ -27,14 +27,18 @@ def stage_weights(base: LossWeights, stage: StageConfig, accumulation_steps: int
     if base.reduction == "sum":
         for name in _SUM_TERMS:
             weights[name] *= accumulation_steps
+    if stage.max_violation is not None:
+        weights["max_violation"] = stage.max_violation
     return dataclasses.replace(base, **weights)
 
 
-def model_inputs(batch: Batch, mean, std, device: torch.device) -> torch.Tensor:
-    """Pixels are shipped as uint8 and normalised here, on the accelerator."""
+def model_inputs(batch: Batch, mean, std, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pixels are shipped as uint8 and normalised here, on the accelerator. ``dtype``: the
+    model's own under DeepSpeed bf16/fp16, which (unlike DDP) keeps bf16 weights and does not
+    autocast, so float32 inputs would not meet its weights."""
     if batch.images is not None:
-        return normalize(batch.images.to(device, non_blocking=True), mean, std)
-    return batch.features.to(device, non_blocking=True)
+        return normalize(batch.images.to(device, non_blocking=True), mean, std, dtype=dtype)
+    return batch.features.to(device, dtype=dtype, non_blocking=True)
 
 
 def forward_and_losses(
@@ -61,7 +65,9 @@ def forward_and_losses(
     if use_scst:
         # BLEU runs in the CPU pool while this process computes the other losses.
         future = reward_pool.submit(outputs.sample_ids, outputs.greedy_ids, batch.references())
-    values = {k: v for k, v in outputs.as_dict().items() if k in _LOSS_INPUT_FIELDS}
+    # Losses in float32 whatever precision the model ran in.
+    values = {k: v.float() if v is not None and v.is_floating_point() else v
+              for k, v in outputs.as_dict().items() if k in _LOSS_INPUT_FIELDS}
     loss_inputs, other_weights = LossInputs(**values), dataclasses.replace(weights, scst=0.0)
     total, components = outputs.img_emb.new_zeros(()), {}
     if active_terms(loss_inputs, other_weights):

@@ -9,6 +9,8 @@ agreed on with one all-reduce, so no rank ever skips a collective the others ent
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from accelerate.utils import set_seed
 
 from cmr.config import save_config, to_dict
 from cmr.data.loader import build_loader, build_vocabulary
+from cmr.data.source import DataError
 from cmr.data.vocab import Vocabulary
+from cmr.eval.run import evaluate_loader
 from cmr.models.lim import build_model
 from cmr.reward import RewardPool
 from cmr.train.checkpoint import Checkpointer
@@ -55,7 +59,11 @@ class Trainer:
         self.groups = list(groups)
         optimizer = build_optimizer(model, groups, tcfg.optimizer)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # DeepSpeed bf16/fp16 holds half-precision weights without autocast: feed it its dtype.
+        self.input_dtype = next(self.model.parameters()).dtype if uses_deepspeed(acc) else torch.float32
         self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
+        self.eval_loader = self._eval_loader() if cfg.eval.every_n_epochs else None
+        self.best_rsum = -math.inf
         self.reward_pool = RewardPool(cfg.reward) if any(s.losses.get("scst", 0) > 0 for s in tcfg.stages) else None
         self.metrics = MetricsLogger(acc, self.run_dir, tcfg.logging)
         self.preemption = PreemptionHandler()
@@ -73,6 +81,14 @@ class Trainer:
         if resume_path is not None:
             return Vocabulary.from_dict(json.loads(self.checkpointer.read_file(resume_path, "vocab.json")))
         return build_vocabulary(self.cfg.data)
+
+    def _eval_loader(self):
+        acc = self.accelerator
+        try:
+            return build_loader(self.cfg.data, self.vocab, split=self.cfg.eval.split, mode="eval",
+                                rank=acc.process_index, world_size=acc.num_processes)
+        except DataError as err:
+            raise DataError(f"{err} (evaluation split from eval.split; eval.every_n_epochs=0 turns it off)") from None
 
     def _start_run_dir(self) -> None:
         acc = self.accelerator
@@ -102,8 +118,12 @@ class Trainer:
         """After a resume, drop records logged after the checkpoint: they are logged again."""
         path = self.metrics.path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.global_step]
+            def keep(record: dict) -> bool:  # an eval at the checkpoint's step may come after it
+                if "split" in record and record["step"] == self.global_step:
+                    return record["epoch"] <= self.epoch
+                return record["step"] <= self.global_step
+
+            kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
             path.write_text("".join(line + "\n" for line in kept))
 
     # -- the loop --------------------------------------------------------------------------
@@ -139,10 +159,14 @@ class Trainer:
                     self.save()
                     return "max_steps"
                 every = self.cfg.train.checkpoint.every_n_steps
-                if every and self.global_step % every == 0:
+                # No periodic save inside a streak of non-finite losses: keep the last good one.
+                if every and self.global_step % every == 0 and not self.nonfinite_in_row:
                     self.save()
             self.epoch += 1
-            if self.epoch in self.plan.epoch_starts[1:]:
+            every = self.cfg.eval.every_n_epochs
+            if every and self.epoch % every == 0:
+                self.evaluate()
+            if self.epoch in self.plan.epoch_starts[1:] and not self.nonfinite_in_row:
                 self.save()  # end of a stage
         return "done"
 
@@ -180,7 +204,7 @@ class Trainer:
         acc, stage = self.accelerator, self.cfg.train.stages[self.stage_index]
         self._set_lr_and_lambda()
         with acc.accumulate(self.model):
-            inputs = model_inputs(batch, self.cfg.data.image.mean, self.cfg.data.image.std, acc.device)
+            inputs = model_inputs(batch, self.cfg.data.image.mean, self.cfg.data.image.std, acc.device, self.input_dtype)
             total, components = forward_and_losses(self.model, batch, inputs, self.weights, stage, self.reward_pool)
             nonfinite, preempted = self._agree(not torch.isfinite(total).item(), self.preemption.requested)
             if nonfinite:
@@ -249,6 +273,65 @@ class Trainer:
                      dropped_remainder=self.loader.num_dropped)
         self.metrics.log(self.global_step, context, self.loader.skip_counts, extra)
 
+    def evaluate(self) -> dict | None:
+        """Retrieval metrics on the eval split (all ranks encode; the main process scores),
+        logged, and the model kept in RUN/best/ when its rsum is the best so far."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        metrics, embeddings = evaluate_loader(model, self.eval_loader, self.cfg.data, self.cfg.eval,
+                                              device=acc.device, accelerator=acc)
+        self.model.train()
+        if metrics is None:
+            return None
+        stage = self.cfg.train.stages[self.stage_index]
+        record = {"step": self.global_step, "epoch": self.epoch, "stage": stage.name, "split": self.cfg.eval.split}
+        record.update({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        with open(self.metrics.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        acc.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=self.global_step)
+        self._log_query_grids(embeddings)
+        if metrics["rsum"] > self.best_rsum:
+            self.best_rsum = metrics["rsum"]
+            self._save_best(model, metrics)
+        return metrics
+
+    def _log_query_grids(self, embeddings) -> None:
+        """A few fixed validation queries as search grids, as a wandb table."""
+        num = self.cfg.eval.num_query_grids
+        shardset = self.eval_loader.dataset.shardset
+        if not num or not self.cfg.train.logging.wandb or shardset.modality != "image":
+            return
+        import wandb
+
+        from cmr.search import fixed_query_grids
+
+        grids = fixed_query_grids(embeddings, self.vocab, shardset.split_dir, num_queries=num)
+        table = wandb.Table(columns=["query", "top results"], data=[[q, wandb.Image(img)] for q, img in grids])
+        self.accelerator.get_tracker("wandb", unwrap=True).log({"eval/query_grids": table}, step=self.global_step)
+
+    def _save_best(self, model, metrics: dict) -> None:
+        """RUN/best/: the model as safetensors + config + vocabulary (loadable for search)."""
+        from safetensors.torch import save_file
+
+        best, tmp = self.run_dir / "best", self.run_dir / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        save_config(self.cfg, tmp / "config.yaml")
+        self.vocab.save(tmp / "vocab.json")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "export.json").write_text(json.dumps(
+            {"source": "best rsum on " + self.cfg.eval.split, "step": self.global_step, "epoch": self.epoch,
+             "metrics": metrics}, indent=2))
+        old = self.run_dir / ".tmp-best-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            best.rename(old)
+        tmp.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+
     def state_dict(self) -> dict:
         return {
             "global_step": self.global_step,
@@ -258,6 +341,7 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "nonfinite_total": self.nonfinite_total,
             "metrics": self.metrics.state_dict(),
+            "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
         }
 
     def _sync_buffers(self) -> None:
@@ -282,6 +366,7 @@ class Trainer:
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
         self.loader.load_state_dict(state["loader"])
         self.metrics.load_state_dict(state.get("metrics", {}))
+        self.best_rsum = state.get("best_rsum") if state.get("best_rsum") is not None else -math.inf
         self.accelerator.print(f"resumed from {path} at step {self.global_step}, epoch {self.epoch}")
 
     def _preempt(self) -> str:

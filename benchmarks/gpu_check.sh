@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU check of issue 4, as one command on a machine with a GPU and only torch, torchvision
+# and accelerate installed: ResNet-50 (224 px, bf16) and the 4096-d feature model, a few hundred
+# steps each, real loader vs in-memory batches; prints samples/s, peak GPU memory and the
+# real/synthetic ratio (goal >= 0.9) as markdown and JSON. Bounded: about 5 minutes on an
+# H100 (an estimate: not yet run on one), stopped at LIMIT_S (default 470 s) whatever happens.
+#
+#   bash benchmarks/fetch_gpu_wheels.sh       # once, where PyPI is reachable: fills .whl/
+#   bash benchmarks/gpu_check.sh              # on the GPU machine, from a copy of the repo with .whl/
+#   bash benchmarks/gpu_check.sh --dry-run    # anywhere: the same path on the CPU, tiny, ~1 minute
+#
+# Any other arguments go to benchmarks/gpu_check.py (--cases, --steps, --batch-size, ...).
+# Environment: PYTHON (default python3), WHEELS (default REPO/.whl), SITE (where missing wheels
+# are installed, default /tmp/cmr-site), LIMIT_S, OUT (summary.md/json land in $OUT/cmr-gpu-check).
+#
+# Wheels (see fetch_gpu_wheels.sh for why each): webdataset, braceexpand always; pyyaml,
+# safetensors, psutil, tqdm only where the machine lacks them. Each is installed only when its
+# module does not import already, so the machine's own builds are never shadowed.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+WHEELS="${WHEELS:-$REPO/.whl}"
+SITE="${SITE:-/tmp/cmr-site}"
+LIMIT_S="${LIMIT_S:-470}"
+
+# distribution name in the wheel file -> module it provides
+declare -A MODULE_OF=([webdataset]=webdataset [braceexpand]=braceexpand [pyyaml]=yaml [PyYAML]=yaml
+                      [safetensors]=safetensors [psutil]=psutil [tqdm]=tqdm)
+
+missing=()
+for module in webdataset braceexpand yaml safetensors psutil tqdm; do
+    "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    to_install=()
+    for module in "${missing[@]}"; do
+        found=""
+        for wheel in "$WHEELS"/*.whl; do
+            [ -e "$wheel" ] || continue
+            dist="$(basename "$wheel")"; dist="${dist%%-*}"
+            [ "${MODULE_OF[$dist]:-}" = "$module" ] && found="$wheel"
+        done
+        if [ -z "$found" ]; then
+            echo "error: python module '$module' is missing and $WHEELS has no wheel for it;" \
+                 "run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable and bring .whl/ along" >&2
+            exit 2
+        fi
+        to_install+=("$found")
+    done
+    echo "installing into $SITE: ${to_install[*]##*/}"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "${to_install[@]}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+cd "$REPO"
+# The Python side plans its cases within LIMIT_S - 30 s (a --time-limit given here wins); if
+# it still overruns, SIGINT lets it stop its DataLoader workers, and KILL follows 20 s later.
+timeout --signal=INT --kill-after=20 "$LIMIT_S" \
+    "$PY" benchmarks/gpu_check.py --time-limit "$((LIMIT_S - 30))" "$@"

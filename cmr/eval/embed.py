@@ -1,0 +1,114 @@
+"""Embeddings of an evaluation split, computed on every rank and gathered.
+
+Every rank encodes its own part of the split (the eval loader gives every rank the same
+number of equal, padded batches), and the parts are gathered at the end: no rank waits in
+a collective while another does all the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from cmr.data.transforms import normalize
+
+
+@dataclasses.dataclass
+class EmbeddingSet:
+    """A split's images and captions in the joint space (float32, CPU).
+
+    ``caption_owner[c]`` is the row in ``image_emb`` of caption c's image; ``captions[c]``
+    its token ids (for display). ``ids``/``keys``/``labels`` are per image.
+    """
+
+    image_emb: torch.Tensor  # [N, D]
+    caption_emb: torch.Tensor  # [C, D]
+    caption_owner: torch.Tensor  # [C] int64
+    captions: list[list[int]]
+    ids: list[Any]
+    keys: list[str]
+    labels: list[Any]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_emb.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EmbeddingSet":
+        return cls(**data)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+@torch.no_grad()
+def encode_batch(model, batch, mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings of the real rows, embeddings of all their captions)."""
+    dtype = _model_dtype(model)
+    if batch.images is not None:
+        inputs = normalize(batch.images.to(device), mean, std, dtype=dtype)
+    else:
+        inputs = batch.features.to(device, dtype=dtype)
+    mask = batch.mask.to(device)
+    image_emb = model.encode_image(inputs)[mask].float()
+    caption_emb = model.encode_text(batch.all_captions.to(device), batch.all_lengths.to(device)).float()
+    return image_emb.cpu(), caption_emb.cpu()
+
+
+@torch.no_grad()
+def compute_embeddings(model, loader, *, mean, std, device, accelerator=None) -> EmbeddingSet:
+    """Encode every sample of ``loader`` (an eval-mode StreamingLoader) with ``model`` (the
+    plain module, not a DDP/DeepSpeed wrapper), gathering over ranks when ``accelerator``
+    is given. Padding rows are dropped; caption owners are renumbered to the kept rows."""
+    was_training = model.training
+    model.eval()
+    images, texts, owners, captions, ids, keys, labels = [], [], [], [], [], [], []
+    for batch in loader:
+        image_emb, caption_emb = encode_batch(model, batch, mean, std, device)
+        # Row i of the batch -> index of that image among the kept ones so far.
+        row_to_kept = torch.cumsum(batch.mask.long(), 0) - 1 + sum(x.shape[0] for x in images)
+        images.append(image_emb)
+        texts.append(caption_emb)
+        owners.append(row_to_kept[batch.caption_owner])
+        captions += [c[:n] for c, n in zip(batch.all_captions.tolist(), batch.all_lengths.tolist())]
+        real = batch.mask.tolist()
+        ids += [x for x, m in zip(batch.ids, real) if m]
+        keys += [x for x, m in zip(batch.keys, real) if m]
+        labels += [x for x, m in zip(batch.labels, real) if m]
+    model.train(was_training)
+    dim = images[0].shape[1] if images else 0
+    local = EmbeddingSet(
+        image_emb=torch.cat(images) if images else torch.zeros(0, dim),
+        caption_emb=torch.cat(texts) if texts else torch.zeros(0, dim),
+        caption_owner=torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
+        captions=captions, ids=ids, keys=keys, labels=labels,
+    )
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    return _gather(local, accelerator)
+
+
+def _gather(local: EmbeddingSet, accelerator) -> EmbeddingSet:
+    """All ranks' sets, concatenated in rank order (owners shifted by the images before)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([local])  # small per-rank objects; tensors travel pickled on CPU
+    offset, owners = 0, []
+    for part in parts:
+        owners.append(part.caption_owner + offset)
+        offset += part.num_images
+    return EmbeddingSet(
+        image_emb=torch.cat([p.image_emb for p in parts]),
+        caption_emb=torch.cat([p.caption_emb for p in parts]),
+        caption_owner=torch.cat(owners),
+        captions=[c for p in parts for c in p.captions],
+        ids=[x for p in parts for x in p.ids],
+        keys=[x for p in parts for x in p.keys],
+        labels=[x for p in parts for x in p.labels],
+    )

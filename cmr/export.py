@@ -1,0 +1,193 @@
+"""A trained model as a self-contained directory, loadable without the training code.
+
+    export_model("runs/emoji-demo", "exports/emoji")      # the best checkpoint, else the latest
+    model, vocab, cfg = load_exported("exports/emoji")     # no trainer, accelerate or DeepSpeed
+
+An export holds:
+
+    model.safetensors   the model's weights (fp32 as trained; DeepSpeed states converted)
+    config.yaml         the run's full resolved experiment config, as written at training time
+    vocab.json          the caption vocabulary the text encoder was trained with
+    export.json         where it came from: run, checkpoint, step, metrics if known, cmr version
+
+Loading needs only ``cmr.models``, ``cmr.data`` and ``safetensors``: it must work on a
+machine that serves search and never trains. It does not need the files the model was
+initialised from either (torchvision backbone weights, a GloVe table): the exported weights
+replace them, and the GloVe table's width is read from the weights themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from cmr.config import ConfigError, from_dict, load_yaml
+from cmr.data.pipeline import DataConfig
+from cmr.data.vocab import Vocabulary
+from cmr.models.image import ImageEncoder
+from cmr.models.lim import LIMConfig, LookImagineMatch
+from cmr.models.text import TextEncoder
+
+EXPORT_FORMAT = "cmr-export"
+EXPORT_VERSION = 1
+EXPORT_FILES = ("model.safetensors", "config.yaml", "vocab.json", "export.json")
+
+
+class ExportError(RuntimeError):
+    """An export cannot be written or read; the message is one line saying why."""
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    """The sections of a run's config that using the model needs: how to build it (model)
+    and how its inputs are prepared (data). The training sections are not read."""
+
+    data: DataConfig
+    model: LIMConfig = dataclasses.field(default_factory=LIMConfig)
+    name: str = "cmr"
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path, which: str | None = None) -> Path:
+    """Write the export of run ``run_dir``'s checkpoint ``which`` (latest, best, step-N or a
+    path; default best if the run has one, else latest) to ``out_dir``; returns ``out_dir``.
+
+    An existing export in ``out_dir`` is replaced; any other non-empty directory is refused.
+    The export is loaded back before it is put in place, so a broken one is never written."""
+    # The trainer's checkpoint reader lives with the trainer; exporting is a training-side job.
+    from cmr.eval.load import find_checkpoint, load_model_state
+    from cmr.train.checkpoint import CheckpointError, read_meta
+    from safetensors.torch import save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
+        raise ExportError(f"{out_dir} exists and is not an earlier export: use a new or empty directory")
+    if which is None:
+        which = "best" if (run_dir / "best" / "model.safetensors").is_file() else "latest"
+    try:
+        checkpoint = find_checkpoint(run_dir, which)
+        state = load_model_state(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    meta = read_meta(checkpoint) or _read_json(checkpoint / "meta.json") or {}
+    config_text = _first_file(checkpoint, run_dir, "config.yaml").read_text()
+    vocab_text = _first_file(checkpoint, run_dir, "vocab.json").read_text()
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.yaml").write_text(config_text)
+    (tmp / "vocab.json").write_text(vocab_text)
+    info = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "source_run": str(run_dir.resolve()),
+        "source_checkpoint": str(checkpoint.resolve()),
+        "checkpoint": checkpoint.name,
+        "step": meta.get("step"),
+        "metrics": meta.get("metrics") or _read_json(checkpoint / "metrics.json"),
+        "cmr_version": _cmr_version(),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        load_exported(tmp)
+    except ExportError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def load_exported(export_dir: str | Path) -> tuple[LookImagineMatch, Vocabulary, InferenceConfig]:
+    """(model in eval mode on the CPU, vocabulary, config) of an exported model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    export_dir = Path(export_dir)
+    missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
+    if missing:
+        raise ExportError(f"{export_dir} is not a cmr export (missing {', '.join(missing)}); "
+                          "write one with launch/export.py")
+    cfg = read_inference_config(export_dir / "config.yaml")
+    try:
+        vocab = Vocabulary.load(export_dir / "vocab.json")
+        state = load_file(str(export_dir / "model.safetensors"))
+    except (ValueError, SafetensorError, OSError) as err:
+        raise ExportError(f"{export_dir}: {err}") from None
+    model = _build_model(cfg, vocab, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ExportError(f"{export_dir}: the weights do not fit the config ({first})") from None
+    return model.eval(), vocab, cfg
+
+
+def read_inference_config(path: Path) -> InferenceConfig:
+    """The model and data sections of a run config, with the pretrained-file settings cleared:
+    the weights file and GloVe table the run started from need not exist where this loads."""
+    try:
+        data = load_yaml(path)
+        model = data.get("model") or {}
+        if isinstance(model, dict):
+            model = dict(model)
+            for part, cleared in (("image_encoder", {"weights": None, "freeze_backbone": False}),
+                                  ("text_encoder", {"glove": None, "freeze_embeddings": False})):
+                if isinstance(model.get(part), dict):
+                    model[part] = {**model[part], **cleared}
+        sections = {k: data[k] for k in ("data", "name") if k in data}
+        return from_dict(InferenceConfig, {**sections, "model": model})
+    except ConfigError as err:
+        detail = err.message if err.field == "--config" else str(err)  # load_yaml names --config
+        raise ExportError(f"{path}: {detail}") from None
+
+
+def _build_model(cfg: InferenceConfig, vocab: Vocabulary, state: dict) -> LookImagineMatch:
+    """The architecture of ``cfg`` with the embedding table as wide as the saved one (a GloVe
+    table keeps GloVe's width, e.g. 50, whatever ``word_dim`` says)."""
+    table = state.get("text_encoder.embedding.weight")
+    if table is None:
+        raise ExportError("the weights have no text_encoder.embedding.weight: not a cmr model")
+    if table.shape[0] != len(vocab):
+        raise ExportError(f"the weights have {table.shape[0]} word embeddings, the vocabulary "
+                          f"{len(vocab)} words: config, weights and vocab.json come from different runs")
+    image_encoder = ImageEncoder(cfg.model.image_encoder)
+    text_encoder = TextEncoder(cfg.model.text_encoder, len(vocab), glove_dim=int(table.shape[1]))
+    return LookImagineMatch(cfg.model, vocab.itos, image_encoder, text_encoder)
+
+
+def _first_file(checkpoint: Path, run_dir: Path, name: str) -> Path:
+    """A checkpoint's own copy of a run file if it has one (the config may have changed
+    on a later resume), else the run's."""
+    path = checkpoint / name
+    if path.is_file() and path.read_text().strip():
+        return path
+    if not (run_dir / name).is_file():
+        raise ExportError(f"neither {checkpoint} nor {run_dir} has a {name}")
+    return run_dir / name
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cmr_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cmr")
+    except PackageNotFoundError:
+        return "unknown"
+
