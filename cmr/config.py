@@ -67,6 +67,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads a bare no/off (yes/on) as a boolean; take the word the field allows.
+            words = ("no", "off", "false") if not value else ("yes", "on", "true")
+            value = next((w for w in words if w in choices), value)
         if value not in choices:
             raise ConfigError(path, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value

@@ -105,3 +105,8 @@ def test_cli_prints_resolved_config_with_defaults(tmp_path):
     assert printed["data"]["batch_size"] == 16
     assert printed["data"]["max_bad_fraction"] == 0.01  # a default, filled in
     assert yaml.safe_load((tmp_path / "r.yaml").read_text()) == printed
+
+
+def test_yaml_no_reaches_a_literal_field_as_the_word():
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml", ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

@@ -243,3 +243,17 @@ def test_an_eval_loader_gives_the_whole_split_on_every_pass(dataset):
     loader = build_loader(cfg, build_vocabulary(cfg), split="val", mode="eval")
     first, second = ids_of(list(loader)), ids_of(list(loader))
     assert first == second and len(first) == 11
+
+
+def test_persistent_workers_follow_the_epoch_and_resume_settings(dataset):
+    """One loader over several epochs (workers kept alive) = a fresh loader per epoch."""
+    cfg = make_cfg(dataset, num_workers=2)
+    vocab = build_vocabulary(cfg)
+    kept = build_loader(cfg, vocab, split="train", mode="train")
+    for epoch in (0, 1, 2):
+        fresh = build_loader(cfg, vocab, split="train", mode="train")
+        assert ids_of(run_epoch(kept, epoch)) == ids_of(run_epoch(fresh, epoch))
+    kept.seek(5, 3)
+    fresh = build_loader(cfg, vocab, split="train", mode="train")
+    fresh.seek(5, 3)
+    assert ids_of(list(kept)) == ids_of(list(fresh))

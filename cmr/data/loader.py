@@ -43,6 +43,7 @@ class StreamingLoader:
         self.skip_counts: Counter = Counter()
         self.num_seen = 0
         self.num_dropped = 0  # train: remainder samples left out (not errors)
+        self._torch_loader: DataLoader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -72,17 +73,21 @@ class StreamingLoader:
             yield batch
 
     def _dataloader(self) -> DataLoader:
-        num_workers = self.cfg.num_workers
-        return DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
-            persistent_workers=False,  # a new epoch needs the workers to see the new plan
-            # Workers draw their base seed from this, not from the global torch RNG, so starting
-            # an epoch (or resuming mid-epoch) leaves the trainer's random stream untouched.
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
+        # One DataLoader for the loader's life: its workers persist across epochs (no restart
+        # cost per epoch) and read the epoch to plan from the dataset's shared-memory control.
+        if self._torch_loader is None:
+            num_workers = self.cfg.num_workers
+            self._torch_loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=num_workers,
+                prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
+                persistent_workers=num_workers > 0,
+                # Workers draw their base seed from this, not from the global torch RNG, so
+                # starting an epoch (or resuming) leaves the trainer's random stream untouched.
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+            )
+        return self._torch_loader
 
     def _check_bad_fraction(self) -> None:
         num_bad = sum(self.skip_counts.values())

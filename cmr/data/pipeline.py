@@ -78,19 +78,28 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
-def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle holding at most ``size`` items."""
+def shuffle_buffer(items: Iterable, size: int, rng: random.Random, initial: int = 100) -> Iterator:
+    """Shuffle through a buffer of at most ``size`` items.
+
+    Output starts once ``initial`` items are in (so the first batch of an epoch doesn't wait
+    for a full buffer); the buffer then grows by one item per item yielded up to ``size``.
+    """
     if size <= 1:
         yield from items
         return
+    initial = max(1, min(initial, size))
     buffer: list = []
+    grow = False
     for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
+        buffer.append(item)
+        if len(buffer) < initial:
             continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
+        grow = not grow and len(buffer) < size
+        if grow:
+            continue  # every other item only fills the buffer, until it is full
+        i = rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
 
@@ -117,11 +126,9 @@ class ShardStream(IterableDataset):
         self.shardset, self.cfg, self.vocab = shardset, cfg, vocab
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.batch_multiple = batch_multiple
-        self.epoch = 0
-        self.skip_windows: dict[int, int] = {}  # worker -> windows already consumed (resume)
-        # DataLoader serves workers round robin starting at worker 0; a run resumed after k
-        # batches must start at worker k % n, so physical worker p plays slot p + offset.
-        self.worker_offset = 0
+        # What the next pass reads, in shared memory so that persistent DataLoader workers see
+        # the main process change it: [epoch, worker offset, windows to skip per worker...].
+        self._control = torch.zeros(2 + self.num_loader_workers, dtype=torch.long).share_memory_()
         self.feature_dim = None
         if shardset.modality == "features":
             self.feature_dim = cfg.feature_dim or shardset.feature_dim
@@ -131,6 +138,34 @@ class ShardStream(IterableDataset):
     @property
     def num_loader_workers(self) -> int:
         return max(1, self.cfg.num_workers)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._control[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._control[0] = epoch
+
+    @property
+    def worker_offset(self) -> int:
+        """DataLoader serves workers round robin from worker 0; a run resumed after k batches
+        must start at worker k % n, so physical worker p plays slot p + offset."""
+        return int(self._control[1])
+
+    @worker_offset.setter
+    def worker_offset(self, offset: int) -> None:
+        self._control[1] = offset
+
+    @property
+    def skip_windows(self) -> dict[int, int]:
+        """Per worker, the windows (batches) already consumed this epoch (resume)."""
+        return {w: int(n) for w, n in enumerate(self._control[2:].tolist())}
+
+    @skip_windows.setter
+    def skip_windows(self, windows: dict[int, int]) -> None:
+        for worker in range(self.num_loader_workers):
+            self._control[2 + worker] = windows.get(worker, 0)
 
     def plan(self, epoch: int | None = None) -> EpochPlan | None:
         """The exact plan of an epoch (None in resampled mode, which has no exact plan)."""
