@@ -1,6 +1,9 @@
-"""Print a run's losses per stage from its metrics.jsonl (no wandb needed).
+"""Print a run's losses per stage and its validation results from metrics.jsonl (no wandb needed).
 
     python launch/summary.py runs/emoji-demo
+
+metrics.jsonl holds two kinds of records: training steps (step, epoch, stage, loss/*, ...)
+and end-of-epoch evaluations (the same plus ``split`` and eval/*).
 """
 
 import json
@@ -8,19 +11,19 @@ import sys
 from pathlib import Path
 
 
-def main() -> int:
-    if len(sys.argv) != 2:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    path = Path(sys.argv[1]) / "metrics.jsonl"
+def summarize(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        print(f"error: {path} not found (has the run logged a step yet?)", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{path} not found (has the run logged a step yet?)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "split" not in r]
+    evals = [r for r in records if "split" in r]
+    if not steps:
+        raise FileNotFoundError(f"{path} has no training step yet")
+    lines = [f"{run_dir}: {len(steps)} logged steps, last step {steps[-1]['step']}"]
     by_stage: dict[str, list[dict]] = {}
-    for record in records:
+    for record in steps:
         by_stage.setdefault(record["stage"], []).append(record)
-    print(f"{path.parent}: {len(records)} logged steps, last step {records[-1]['step']}")
     for stage, rows in by_stage.items():
         # A stage's own terms: those in its last record (the first may still average in the
         # end of the previous stage).
@@ -28,9 +31,28 @@ def main() -> int:
         changes = ", ".join(
             f"{k.split('/', 1)[1]} {next(r[k] for r in rows if k in r):.3f} -> {rows[-1][k]:.3f}" for k in keys
         )
-        print(f"  {stage:<15} steps {rows[0]['step']:>5}-{rows[-1]['step']:<5} {changes}")
-    skipped = {k: v for k, v in records[-1].items() if k.startswith("skipped/")}
-    print(f"  samples/s (last log): {records[-1]['samples_per_s']:.1f}; skipped samples: {skipped or 'none'}")
+        lines.append(f"  {stage:<15} steps {rows[0]['step']:>5}-{rows[-1]['step']:<5} {changes}")
+    last = steps[-1]
+    skipped = {k: v for k, v in last.items() if k.startswith("skipped/")}
+    rate = f"{last['samples_per_s']:.1f}" if "samples_per_s" in last else "n/a"
+    lines.append(f"  samples/s (last log): {rate}; skipped samples: {skipped or 'none'}")
+    if evals:
+        best = max(evals, key=lambda r: r["eval/rsum"])
+        lines.append(f"  {evals[-1]['split']} rsum per evaluation: "
+                     + " ".join(f"{r['eval/rsum']:.1f}" for r in evals)
+                     + f"; best {best['eval/rsum']:.1f} at step {best['step']} (epoch {best['epoch']})")
+    return lines
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    try:
+        print("\n".join(summarize(Path(sys.argv[1]))))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

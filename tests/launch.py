@@ -52,3 +52,9 @@ def deepspeed_env(**extra: str) -> dict[str, str]:
     env = cpu_env(DS_ACCELERATOR="cpu", **extra)
     env.pop("ACCELERATE_USE_CPU")
     return env
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` if its command succeeded; else fail with the tail of its output."""
+    assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
+    return result

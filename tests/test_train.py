@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.launch import REPO, accelerate_launch, cpu_env, deepspeed_env, free_port
+from tests.launch import REPO, accelerate_launch, cpu_env, deepspeed_env, free_port, ok
 from tests.tiny_data import write_split
 
 DRIVER = REPO / "tests" / "dist" / "train_driver.py"
@@ -61,10 +61,6 @@ def losses(records):
     return [{k: v for k, v in r.items() if k.startswith(("loss/", "reward/")) or k in ("step", "epoch", "stage")}
             for r in records]
 
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]
-    return result
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

@@ -1,0 +1,84 @@
+"""The demo's pieces end to end on a tiny config, each through its real command line: train
+(accelerate launch) -> summary -> eval (1 and 2 real processes) -> search grid.
+
+`make demo` runs the same commands on the emoji shards with configs/emoji_demo.yaml.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from cmr.eval.grid import HEADER_H, LABEL_H, PAD, THUMB
+from tests.launch import REPO, accelerate_launch, cpu_env, ok
+from tests.tiny_data import write_split
+
+TINY = REPO / "tests" / "fixtures" / "tiny_train.yaml"
+EVAL_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr", "rsum",
+             "i2t_map50", "t2i_map50"}
+NUM_TEST = 15  # does not divide over 2 ranks: the evaluation pads and masks
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    shards = root / "shards"
+    write_split(shards, "train", 48, shard_size=6)
+    write_split(shards, "val", 12, shard_size=6)
+    write_split(shards, "test", NUM_TEST, shard_size=5)
+    run_dir = root / "run"
+    ok(accelerate_launch(REPO / "launch" / "train.py", "--config", str(TINY), "--set", f"data.shards={shards}",
+                         "--set", "train.logging.wandb=false", "--run-dir", str(run_dir), num_processes=1))
+    return run_dir
+
+
+def eval_args(run_dir):
+    return [REPO / "launch" / "eval.py", "--run-dir", run_dir, "--split", "test"]
+
+
+def test_summary_shows_every_stage_and_the_validation_rsum(run):
+    out = ok(run_script(REPO / "launch" / "summary.py", run)).stdout
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["encoders", "discriminators", "joint"]
+    assert "triplet" in lines[1] and "modality_adv" in lines[2] and "scst" in lines[3]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rsums = [r["eval/rsum"] for r in records if "split" in r]
+    assert len(rsums) == 5  # one validation per epoch
+    assert f"rsum per evaluation: {' '.join(f'{v:.1f}' for v in rsums)}; best {max(rsums):.1f}" in out
+
+
+def test_eval_writes_the_metrics_json_and_a_table_with_chance(run):
+    out = ok(run_script(*eval_args(run))).stdout
+    metrics = json.loads((run / "eval" / "test.json").read_text())
+    assert EVAL_KEYS <= set(metrics)
+    assert metrics["num_images"] == NUM_TEST and metrics["num_captions"] == 2 * NUM_TEST
+    assert metrics["checkpoint"].endswith("step-00000030") and metrics["split"] == "test"
+    assert f"chance: R@1 {100 / NUM_TEST:.2f}" in out and f"rsum {metrics['rsum']:.2f}" in out
+
+
+def test_eval_on_two_real_processes_equals_eval_on_one(run):
+    ok(run_script(*eval_args(run)))
+    one = json.loads((run / "eval" / "test.json").read_text())
+    (run / "eval" / "test.json").unlink()
+    ok(accelerate_launch(*eval_args(run), num_processes=2))
+    two = json.loads((run / "eval" / "test.json").read_text())
+    assert two["num_images"] == NUM_TEST and two["num_captions"] == 2 * NUM_TEST  # padding masked out
+    assert two == pytest.approx(one, abs=1e-9)
+
+
+def test_search_grid_is_written_for_a_text_query(run, tmp_path):
+    grid = tmp_path / "search.png"
+    out = ok(run_script(REPO / "launch" / "search.py", "--run-dir", run, "--split", "test", "--query",
+                        "a dog and a cat", "--top-k", "5", "--grid", grid, "--device", "cpu")).stdout
+    assert len([line for line in out.splitlines() if "shard-" in line]) == 5
+    with Image.open(grid) as image:
+        assert image.size == (PAD + 5 * (THUMB + PAD), PAD + HEADER_H + PAD + THUMB + LABEL_H + PAD)
