@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/reward_throughput.py
+	$(PY) benchmarks/epoch_start.py
 
 clean:
 	rm -rf $(VENV) data build *.egg-info

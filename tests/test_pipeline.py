@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 import tarfile
 from collections import Counter
 
@@ -257,3 +258,51 @@ def test_persistent_workers_follow_the_epoch_and_resume_settings(dataset):
     fresh = build_loader(cfg, vocab, split="train", mode="train")
     fresh.seek(5, 3)
     assert ids_of(list(kept)) == ids_of(list(fresh))
+
+
+def contents(batches):
+    return [(b.keys, b.images, b.captions, b.lengths, b.epoch, b.worker, b.window) for b in batches]
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(contents(got), contents(expected)):
+        assert g[0] == e[0] and g[4:] == e[4:]
+        assert all(torch.equal(x, y) for x, y in zip(g[1:4], e[1:4]))
+
+
+def test_reading_the_next_epoch_ahead_changes_no_batch(dataset):
+    """prefetch_next_epoch: the same batches, bit for bit, whole epochs and after a seek that
+    throws away the epoch read ahead."""
+    on = make_cfg(dataset, num_workers=2)
+    off = make_cfg(dataset, num_workers=2, prefetch_next_epoch=False)
+    vocab = build_vocabulary(on)
+    ahead = build_loader(on, vocab, split="train", mode="train")
+    plain = build_loader(off, vocab, split="train", mode="train")
+    assert len(ahead._lanes) == 2 and len(plain._lanes) == 1
+    for epoch in (0, 1):
+        assert_same_batches(run_epoch(ahead, epoch), run_epoch(plain, epoch))
+    assert ahead._ahead[0] == 2  # epoch 2 was started while epoch 1 ran
+    for loader in (ahead, plain):
+        loader.seek(2, 3)
+    assert_same_batches(list(ahead), list(plain))  # the read-ahead epoch 2 was not used
+    assert_same_batches(run_epoch(ahead, 3), run_epoch(plain, 3))
+
+
+def test_the_next_epoch_is_read_while_this_one_runs(dataset):
+    cfg = make_cfg(dataset, num_workers=2)
+    loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
+    loader.end_epoch = 2
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    epoch, started = loader._ahead
+    assert epoch == 1
+    # Epoch 1's workers deliver batches into their queue before anyone asks for them.
+    deadline = time.monotonic() + 60
+    while started._data_queue.qsize() == 0:
+        assert time.monotonic() < deadline, "the next epoch's workers produced nothing"
+        time.sleep(0.05)
+    list(batches)
+    assert run_epoch(loader, 1)[0].epoch == 1
+    assert loader._ahead is None  # nothing is read past end_epoch

@@ -43,7 +43,15 @@ class StreamingLoader:
         self.skip_counts: Counter = Counter()
         self.num_seen = 0
         self.num_dropped = 0  # train: remainder samples left out (not errors)
-        self._torch_loader: DataLoader | None = None
+        # Epochs the trainer will run (set by it): no look-ahead past the last one.
+        self.end_epoch: int | None = None
+        # Training with workers and prefetch_next_epoch: two lanes (a dataset copy with its own
+        # shared control + a persistent DataLoader) take turns, so the next epoch's workers
+        # fill their shuffle buffers and decode their first batches while this epoch runs.
+        lookahead = dataset.mode == "train" and self.cfg.num_workers > 0 and self.cfg.prefetch_next_epoch
+        self._lanes: list[_Lane] = [_Lane(dataset)] + ([_Lane(dataset.copy())] if lookahead else [])
+        self._lane = 0  # the lane that serves the current epoch
+        self._ahead: tuple[int, Iterator[Batch]] | None = None  # (epoch, its started iterator)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -60,34 +68,29 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.dataset.mode == "eval":
             self.windows_done = [0] * self.dataset.num_loader_workers  # every pass is whole
-        self.dataset.epoch = self.epoch
-        self.dataset.skip_windows = dict(enumerate(self.windows_done))
-        self.dataset.worker_offset = self.batches_done % self.dataset.num_loader_workers
         if self.batches_done == 0 and self.dataset.mode == "train" and not self.cfg.resampled:
             self.num_dropped += self.dataset.plan().num_dropped
-        for batch in self._dataloader():
+        for batch in self._start_epoch():
             self.windows_done[batch.worker] = batch.window + 1
             self.num_seen += batch.num_samples + sum(batch.skipped.values())
             self.skip_counts.update(batch.skipped)
             self._check_bad_fraction()
             yield batch
 
-    def _dataloader(self) -> DataLoader:
-        # One DataLoader for the loader's life: its workers persist across epochs (no restart
-        # cost per epoch) and read the epoch to plan from the dataset's shared-memory control.
-        if self._torch_loader is None:
-            num_workers = self.cfg.num_workers
-            self._torch_loader = DataLoader(
-                self.dataset,
-                batch_size=None,
-                num_workers=num_workers,
-                prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
-                persistent_workers=num_workers > 0,
-                # Workers draw their base seed from this, not from the global torch RNG, so
-                # starting an epoch (or resuming) leaves the trainer's random stream untouched.
-                generator=torch.Generator().manual_seed(self.cfg.seed),
-            )
-        return self._torch_loader
+    def _start_epoch(self) -> Iterator[Batch]:
+        """This epoch's batches from its current position: the iterator started ahead when it
+        is for this epoch from its start, else a fresh one; then start the next epoch ahead."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == self.epoch and self.batches_done == 0:
+            self._lane = (self._lane + 1) % len(self._lanes)
+            iterator = ahead[1]
+        else:  # nothing ahead, or a seek/resume since: the next epoch's lane is free again
+            iterator = self._lanes[self._lane].start(self.epoch, self.windows_done)
+        next_epoch = self.epoch + 1
+        if len(self._lanes) > 1 and (self.end_epoch is None or next_epoch < self.end_epoch):
+            other = self._lanes[(self._lane + 1) % len(self._lanes)]
+            self._ahead = (next_epoch, other.start(next_epoch, [0] * len(self.windows_done)))
+        return iterator
 
     def _check_bad_fraction(self) -> None:
         num_bad = sum(self.skip_counts.values())
@@ -145,6 +148,32 @@ class StreamingLoader:
         counts = worker_batch_counts(batches_done, self.dataset.num_loader_workers)
         self.epoch = epoch
         self.windows_done = counts
+
+
+class _Lane:
+    """A dataset and the one DataLoader over it; its workers persist across epochs and read the
+    epoch to plan from the dataset's shared-memory control."""
+
+    def __init__(self, dataset: ShardStream):
+        self.dataset = dataset
+        cfg = dataset.cfg
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+            persistent_workers=cfg.num_workers > 0,
+            # Workers draw their base seed from this, not from the global torch RNG, so
+            # starting an epoch (or resuming) leaves the trainer's random stream untouched.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def start(self, epoch: int, windows_done: list[int]) -> Iterator[Batch]:
+        """Set the control, then create the iterator: its workers begin reading at once."""
+        self.dataset.epoch = epoch
+        self.dataset.skip_windows = dict(enumerate(windows_done))
+        self.dataset.worker_offset = sum(windows_done) % self.dataset.num_loader_workers
+        return iter(self.loader)
 
 
 def collect_captions(shardset: ShardSet) -> list[str]:

@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have produced next.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -43,6 +44,9 @@ class DataConfig:
     batch_size: int = 64  # per rank (and per micro-batch under gradient accumulation)
     num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the main process
     prefetch_factor: int = 2
+    # Training: start the next epoch's workers (a second set) while this epoch runs, so an
+    # epoch does not begin with an empty shuffle buffer and no decoded batch.
+    prefetch_next_epoch: bool = True
     shuffle_buffer: int = 500  # raw samples held per worker for shuffling; 0 = off
     shuffle_shards: bool = True
     seed: int = 0
@@ -134,6 +138,12 @@ class ShardStream(IterableDataset):
             self.feature_dim = cfg.feature_dim or shardset.feature_dim
             if self.feature_dim is None:
                 raise ConfigError("data.feature_dim", "unknown: set it (the shards have no manifest)")
+
+    def copy(self) -> ShardStream:
+        """The same stream with its own control (for a second set of workers)."""
+        other = copy.copy(self)
+        other._control = self._control.clone().share_memory_()
+        return other
 
     @property
     def num_loader_workers(self) -> int:

@@ -62,6 +62,7 @@ class Trainer:
         # DeepSpeed bf16/fp16 holds half-precision weights without autocast: feed it its dtype.
         self.input_dtype = next(self.model.parameters()).dtype if uses_deepspeed(acc) else torch.float32
         self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
+        self.loader.end_epoch = self.plan.epoch_starts[-1]  # no look-ahead past the last epoch
         self.eval_loader = self._eval_loader() if cfg.eval.every_n_epochs else None
         self.best_rsum = -math.inf
         self.reward_pool = RewardPool(cfg.reward) if any(s.losses.get("scst", 0) > 0 for s in tcfg.stages) else None
