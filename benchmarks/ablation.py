@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -138,19 +139,26 @@ def run_logged(args: list[str], log: Path) -> float:
 
 
 def run_variant(dataset_name: str, dataset: Dataset, variant: str, epochs: tuple[int, int, int],
-                run_dir: Path) -> dict:
+                seed: int, run_dir: Path) -> dict:
     """Train and evaluate one variant; its result record (read back if it was done before)."""
+    tag = f"[{dataset_name} {variant} seed {seed}]"
     result_path = run_dir / "ablation.json"
     if result_path.is_file() and (run_dir / "eval" / "test.json").is_file():
-        print(f"[{dataset_name} {variant}] done before: {result_path}", flush=True)
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if result["epochs"] == list(epochs) and result["seed"] == seed:
+            print(f"{tag} done before: {result_path}", flush=True)
+            return result
+        print(f"{tag} done before with another budget: training again", flush=True)
     if run_dir.exists():  # half-finished: a resumed run's wall-clock would not compare
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     stages = stages_of(variant, epochs)
-    print(f"[{dataset_name} {variant}] training {VARIANTS[variant][0]}, epochs {epochs}", flush=True)
+    print(f"{tag} training {VARIANTS[variant][0]}, epochs {epochs}", flush=True)
+    # One seed for the weights and the data order: every variant starts from the same weights
+    # (the model builds all its parts whatever trains) and sees the same batches.
     train_s = run_logged([PYTHON, "launch/train.py", "--config", dataset.config,
-                          "--set", f"name=ablation-{dataset_name}-{variant}",
+                          "--set", f"name=ablation-{dataset_name}-{variant}-seed{seed}",
+                          "--set", f"seed={seed}", "--set", f"data.seed={seed}",
                           "--set", f"train.stages={json.dumps(stages)}",
                           "--run-dir", str(run_dir)], run_dir / "train.log")
     eval_s = run_logged([PYTHON, "launch/eval.py", "--run-dir", str(run_dir), "--split", "test",
@@ -158,11 +166,10 @@ def run_variant(dataset_name: str, dataset: Dataset, variant: str, epochs: tuple
     metrics = json.loads((run_dir / "eval" / "test.json").read_text())
     steps = json.loads((Path(metrics["checkpoint"]) / "meta.json").read_text())["step"]
     result = {"dataset": dataset_name, "variant": variant, "description": VARIANTS[variant][0],
-              "epochs": list(epochs), "steps": steps, "train_s": round(train_s, 1),
+              "seed": seed, "epochs": list(epochs), "steps": steps, "train_s": round(train_s, 1),
               "eval_s": round(eval_s, 1), "metrics": metrics}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[{dataset_name} {variant}] {steps} steps in {train_s:.0f} s; test rsum {metrics['rsum']:.2f}",
-          flush=True)
+    print(f"{tag} {steps} steps in {train_s:.0f} s; test rsum {metrics['rsum']:.2f}", flush=True)
     return result
 
 
@@ -176,21 +183,37 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def variant_row(runs: list[dict]) -> list[str]:
+    """One variant's cells: metrics averaged over its seeds; rsum with its spread and per seed."""
+    metrics = [r["metrics"] for r in runs]
+    recalls = [f"{_mean([m[f'{d}_r{k}'] for m in metrics]):.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    rsums = [m["rsum"] for m in metrics]
+    rsum = f"{_mean(rsums):.1f}"
+    if len(runs) > 1:
+        spread = statistics.stdev(rsums)
+        rsum += f" ± {spread:.1f} ({' / '.join(f'{v:.0f}' for v in rsums)})"
+    maps = "–"
+    if all(m.get("i2t_map50") is not None and m.get("t2i_map50") is not None for m in metrics):
+        maps = f"{_mean([m['i2t_map50'] for m in metrics]):.1f} / {_mean([m['t2i_map50'] for m in metrics]):.1f}"
+    first = runs[0]
+    return [first["dataset"], f"{first['variant']} {first['description']}", *recalls, rsum, maps,
+            f"{_mean([r['train_s'] for r in runs]) / 60:.1f} min",
+            f"{first['steps']} ({'+'.join(map(str, first['epochs']))})"]
+
+
 def table_rows(results: list[dict]) -> list[str]:
     lines = [_row(list(COLUMNS)), "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
     for dataset_name in dict.fromkeys(r["dataset"] for r in results):
         group = [r for r in results if r["dataset"] == dataset_name]
+        for variant in dict.fromkeys(r["variant"] for r in group):
+            lines.append(_row(variant_row([r for r in group if r["variant"] == variant])))
+        # Chance: a random ranking finds a query's match in its top K with probability ~K/n.
         first = group[0]["metrics"]
         n = first["num_images"]
-        for r in group:
-            m = r["metrics"]
-            recalls = [f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-            maps = (f"{m['i2t_map50']:.1f} / {m['t2i_map50']:.1f}"
-                    if m.get("i2t_map50") is not None and m.get("t2i_map50") is not None else "–")
-            epochs = "+".join(map(str, r["epochs"]))
-            lines.append(_row([dataset_name, f"{r['variant']} {r['description']}", *recalls,
-                               f"{m['rsum']:.1f}", maps, f"{r['train_s'] / 60:.1f} min",
-                               f"{r['steps']} ({epochs})"]))
         chance = [f"{min(100.0, 100.0 * k / n):.1f}" for _ in range(2) for k in (1, 5, 10)]
         rsum = 2 * sum(min(100.0, 100.0 * k / n) for k in (1, 5, 10))
         lines.append(_row([dataset_name, f"chance ({n} test images, {first['num_captions']} captions)",
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per variant, rounded to whole epochs "
                              f"(default: {', '.join(f'{k} {d.default_steps}' for k, d in DATASETS.items())})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per variant and seed; with several, the table shows means and the rsum spread")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -227,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             epochs = split_epochs(round((args.steps or dataset.default_steps) / per_epoch))
             print(f"[{name}] budget: {sum(epochs) * per_epoch} steps = {sum(epochs)} epochs "
                   f"x {per_epoch} steps, split {epochs}", flush=True)
-            for variant in args.variants:
-                results.append(run_variant(name, dataset, variant, epochs, out / name / variant))
+            for seed in args.seeds:
+                for variant in args.variants:
+                    run_dir = out / name / f"{variant}-seed{seed}"
+                    results.append(run_variant(name, dataset, variant, epochs, seed, run_dir))
     except AblationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
