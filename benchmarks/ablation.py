@@ -1,6 +1,6 @@
 """Ablation: which parts of Look-Imagine-Match help, at the same budget, seed and data.
 
-    python benchmarks/ablation.py [--datasets emoji flickr8k] [--steps N] [--out runs/ablation]
+    python benchmarks/ablation.py [--datasets emoji flickr8k] [--seeds 0 1 2] [--steps N] [--out runs/ablation]
 
 Four variants, each trained from the same initial weights (one seed) on the same data order
 for the same number of optimizer steps, then evaluated on the test split from the *final*
