@@ -69,7 +69,7 @@ class StreamingLoader:
         if self.dataset.mode == "eval":
             self.windows_done = [0] * self.dataset.num_loader_workers  # every pass is whole
         if self.batches_done == 0 and self.dataset.mode == "train" and not self.cfg.resampled:
-            self.num_dropped += self.dataset.plan().num_dropped
+            self.num_dropped += self.dataset.plan(self.epoch).num_dropped
         for batch in self._start_epoch():
             self.windows_done[batch.worker] = batch.window + 1
             self.num_seen += batch.num_samples + sum(batch.skipped.values())
