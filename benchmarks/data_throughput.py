@@ -78,6 +78,9 @@ def time_reference(shard_dir, batch_size, workers, epochs):
 
 
 def time_ours(loader, epochs, first_epoch=0, peaks=None):
+    # As the trainer does: read no epoch ahead past this run's last (that work would fall
+    # outside the timed window, into the reference's).
+    loader.end_epoch = first_epoch + epochs
     count, start = 0, time.perf_counter()
     for epoch in range(first_epoch, first_epoch + epochs):
         loader.set_epoch(epoch)
