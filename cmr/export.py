@@ -156,12 +156,16 @@ def _build_model(cfg: InferenceConfig, vocab: Vocabulary, state: dict) -> LookIm
     table = state.get("text_encoder.embedding.weight")
     if table is None:
         raise ExportError("the weights have no text_encoder.embedding.weight: not a cmr model")
-    if table.shape[0] != len(vocab):
-        raise ExportError(f"the weights have {table.shape[0]} word embeddings, the vocabulary "
+    extra = state.get("text_encoder.extra_embedding")  # the GloVe extension, if any
+    num_rows = table.shape[0] + (0 if extra is None else extra.shape[0])
+    if (table.shape[0], num_rows) != (vocab.num_train_words, len(vocab)):
+        raise ExportError(f"the weights have {num_rows} word embeddings, the vocabulary "
                           f"{len(vocab)} words: config, weights and vocab.json come from different runs")
     image_encoder = ImageEncoder(cfg.model.image_encoder)
-    text_encoder = TextEncoder(cfg.model.text_encoder, len(vocab), glove_dim=int(table.shape[1]))
-    return LookImagineMatch(cfg.model, vocab.itos, image_encoder, text_encoder)
+    text_encoder = TextEncoder(cfg.model.text_encoder, len(vocab), glove_dim=int(table.shape[1]),
+                               num_extra_words=vocab.num_extra_words)
+    return LookImagineMatch(cfg.model, vocab.itos, image_encoder, text_encoder,
+                            vocab.num_train_words)
 
 
 def _first_file(checkpoint: Path, run_dir: Path, name: str) -> Path:

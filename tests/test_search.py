@@ -29,10 +29,11 @@ from cmr.experiment import ExperimentConfig
 from cmr.models.lim import build_model
 from cmr.search import (
     SearchConfig, SearchError, SearchIndex, encode_query_image, encode_query_text, embeddings_cache_path,
-    fixed_query_grids, gallery_embeddings, read_gallery_images, unknown_words,
+    gallery_embeddings, unknown_words,
 )
+from cmr.search_results import fixed_query_grids, read_gallery_images
 from tests.launch import REPO, cpu_env
-from tests.tiny_data import image_bytes, write_split
+from tests.tiny_data import captions_for, image_bytes, write_split
 
 TINY = REPO / "tests" / "fixtures" / "tiny_train.yaml"
 
@@ -83,7 +84,7 @@ def planted_gallery(num_images: int, dim: int = 32, seed: int = 0) -> EmbeddingS
     return EmbeddingSet(
         image_emb=unit(torch.randn(num_images, dim, generator=gen)),
         caption_emb=unit(torch.randn(2 * num_images, dim, generator=gen)),
-        caption_owner=owner, captions=[[1, 4, 2]] * (2 * num_images),
+        caption_owner=owner, caption_texts=[f"caption {c // 2}.{c % 2}" for c in range(2 * num_images)],
         ids=[f"s{i}" for i in range(num_images)], keys=[f"shard-000000.tar/{i:08d}" for i in range(num_images)],
         labels=[None] * num_images,
     )
@@ -230,8 +231,12 @@ def test_gallery_embeddings_are_computed_once_and_equal_a_fresh_computation(run,
     fresh = compute_embeddings(model, loader, mean=cfg.data.image.mean, std=cfg.data.image.std, device="cpu")
     for got in (first, second):
         assert torch.equal(got.image_emb, fresh.image_emb) and torch.equal(got.caption_emb, fresh.caption_emb)
-        assert got.keys == fresh.keys and got.captions == fresh.captions and got.labels == fresh.labels
+        assert got.keys == fresh.keys and got.caption_texts == fresh.caption_texts and got.labels == fresh.labels
         assert torch.equal(got.caption_owner, fresh.caption_owner)
+    # Each image's caption rows, in order, are its captions as the shard stores them.
+    stored = [captions_for(int(key.split("/")[1])) for key in first.keys]
+    assert first.caption_owner.tolist() == [i for i, captions in enumerate(stored) for _ in captions]
+    assert first.caption_texts == [c for captions in stored for c in captions]
 
 
 def test_cache_is_invalidated_by_a_touched_shard_and_by_another_checkpoint(run, tmp_path):
@@ -268,6 +273,33 @@ def test_damaged_cache_file_is_recomputed(run, tmp_path):
     assert embeddings_cache_path(tmp_path / "cache", shardset, "val", checkpoint, cfg.data, vocab) == cache
 
 
+def test_a_cache_of_the_older_format_is_recomputed_not_misread(run, tmp_path, monkeypatch):
+    """Version 1 caches held token ids instead of caption texts; they must not be served."""
+    import cmr.search
+
+    model, vocab, cfg, checkpoint = load(run)
+    shardset = open_split(run.shards, "val")
+    current = embeddings_cache_path(tmp_path / "cache", shardset, "val", checkpoint, cfg.data, vocab)
+    monkeypatch.setattr(cmr.search, "CACHE_VERSION", 1)
+    older = embeddings_cache_path(tmp_path / "cache", shardset, "val", checkpoint, cfg.data, vocab)
+    monkeypatch.undo()
+    assert older != current  # the format version is part of the cache's name
+    num = shardset.num_samples
+    version_1 = {"image_emb": torch.zeros(num, 32), "caption_emb": torch.zeros(2 * num, 32),
+                 "caption_owner": torch.arange(num).repeat_interleave(2), "captions": [[1, 3, 2]] * (2 * num),
+                 "ids": [None] * num, "keys": [f"k{i}" for i in range(num)], "labels": [None] * num}
+    older.parent.mkdir()
+    for path in (older, current):  # also under the current name: the content is checked too
+        torch.save(version_1, path)
+    calls = count_image_batches(model)
+    gallery = gallery_embeddings(tmp_path, model, cfg, vocab, shards=run.shards, split="val", checkpoint=checkpoint)
+    assert calls and gallery.image_emb.abs().sum() > 0 and gallery.caption_texts[0] == "a red and a red"
+    assert not older.exists()  # the stale cache of the same split and checkpoint is removed
+    calls.clear()
+    again = gallery_embeddings(tmp_path, model, cfg, vocab, shards=run.shards, split="val", checkpoint=checkpoint)
+    assert not calls and again.caption_texts == gallery.caption_texts  # the new cache is served
+
+
 # --------------------------------------------------------------------------- pictures
 
 
@@ -282,7 +314,7 @@ def test_fixed_query_grids_are_deterministic_and_mark_the_captions_own_image(run
     gallery = gallery_embeddings(run.run_dir, model, cfg, vocab, shards=run.shards, split="val", checkpoint=checkpoint)
     # Plant: every caption sits on its own image, so the own image is always the top result.
     planted = dataclasses.replace(gallery, caption_emb=gallery.image_emb[gallery.caption_owner])
-    grids = fixed_query_grids(planted, vocab, run.shards / "val", num_queries=3, top_k=4)
+    grids = fixed_query_grids(planted, run.shards / "val", num_queries=3, top_k=4)
     assert len(grids) == 3
     # Images 0, 8 and 16 of the 24 sorted keys; their first captions are "a <w> and a <w>".
     assert [text for text, _ in grids] == ["a red and a red", "a car and a red", "a sun and a green"]
@@ -292,7 +324,7 @@ def test_fixed_query_grids_are_deterministic_and_mark_the_captions_own_image(run
     # The same queries whatever order the ranks gathered the embeddings in.
     order = torch.randperm(gallery.num_images, generator=torch.Generator().manual_seed(0))
     shuffled = reorder(planted, order.tolist())
-    again = fixed_query_grids(shuffled, vocab, run.shards / "val", num_queries=3, top_k=4)
+    again = fixed_query_grids(shuffled, run.shards / "val", num_queries=3, top_k=4)
     assert [(t, g.tobytes()) for t, g in again] == [(t, g.tobytes()) for t, g in grids]
 
 

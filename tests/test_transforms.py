@@ -139,7 +139,7 @@ def test_normalize_matches_torchvision():
     batch = photo(16, 20).unsqueeze(0).repeat(4, 1, 1, 1)
     batch[1] = 0
     batch[2] = 255
-    cfg = ImageTransformConfig()
+    cfg = ImageTransformConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     reference = v2.Normalize(cfg.mean, cfg.std)(batch.float() / 255)
     out = normalize(batch, cfg.mean, cfg.std)
     assert out.dtype == torch.float32 and out.shape == batch.shape

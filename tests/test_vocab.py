@@ -153,3 +153,71 @@ def test_vocab_config_validation():
         with pytest.raises(ConfigError) as info:
             from_dict(VocabConfig, {field: value})
         assert info.value.field == field
+
+
+# --- the GloVe extension (vocab.glove_extra_words) ---------------------------------------------
+
+# GloVe's words in its own order (most frequent first), with what GloVe 6B really holds
+# besides words: punctuation, clitics, dotted abbreviations, and (840B) capitalised forms.
+GLOVE_WORDS = ["the", ",", "a", "'s", "of", "u.s.", "Paris", "kitten", "automobile", "two",
+               "sleep", "zebra", "giraffe", "cats"]
+
+
+def extended(captions=CAPTIONS, glove_words=GLOVE_WORDS, **cfg):
+    return Vocabulary.build(captions, VocabConfig(**cfg), glove_words)
+
+
+def test_extension_follows_the_training_words_in_glove_order():
+    plain = Vocabulary.build(CAPTIONS, VocabConfig(min_count=2))
+    vocab = extended(min_count=2, glove_extra_words=3)
+    # The training part is exactly the vocabulary without an extension: same words, same ids.
+    assert vocab.itos[: vocab.num_train_words] == plain.itos and vocab.num_train_words == len(plain)
+    # The 3 most frequent GloVe words no caption has, skipping what the tokenizer never
+    # yields (",", "'s", "u.s.", "Paris"), and every training word below min_count that GloVe
+    # has ("two", "sleep", "cats"), wherever it ranks; all in GloVe's order.
+    assert vocab.itos[vocab.num_train_words :] == ["of", "kitten", "automobile", "two", "sleep",
+                                                   "cats"]
+    assert vocab.num_extra_words == 6 and len(vocab) == len(plain) + 6
+    ids = vocab.encode("a kitten and an automobile")
+    assert ids[2] == vocab.stoi["kitten"] >= vocab.num_train_words
+    assert ids[5] == vocab.stoi["automobile"] and vocab.unk_id in ids  # "an": neither part
+    assert plain.encode("a kitten") == [1, plain.stoi["a"], plain.unk_id, 2]
+    # max_size cuts the training part; what it cuts also reaches the extension if GloVe has it.
+    small = extended(max_size=6, glove_extra_words=1)
+    assert small.num_train_words == 6 and small.itos[6:] == ["the", "of", "two", "sleep", "cats"]
+
+
+def test_extension_is_deterministic_and_off_by_default():
+    shuffled = CAPTIONS[:]
+    random.Random(0).shuffle(shuffled)
+    assert extended(shuffled, glove_extra_words=4) == extended(glove_extra_words=4)
+    assert extended(glove_extra_words=0) == Vocabulary.build(CAPTIONS, VocabConfig())
+    assert extended().num_extra_words == 0
+    with pytest.raises(ValueError, match="needs the GloVe words"):
+        Vocabulary.build(CAPTIONS, VocabConfig(glove_extra_words=2))
+
+
+def test_extension_survives_save_and_load_and_old_files_have_none(tmp_path):
+    vocab = extended(min_count=2, glove_extra_words=3)
+    vocab.save(tmp_path / "vocab.json")
+    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    assert loaded == vocab and loaded.num_train_words == vocab.num_train_words
+    assert loaded.encode("a kitten") == vocab.encode("a kitten")
+    data = vocab.to_dict()
+    assert data["version"] == 2 and data["num_train_words"] == vocab.num_train_words
+    # Without an extension the file is the version-1 format older code reads ...
+    plain = Vocabulary.build(CAPTIONS, VocabConfig()).to_dict()
+    assert plain["version"] == 1 and "num_train_words" not in plain
+    # ... and a version-1 file (no num_train_words) means no extension.
+    old_data = {k: v for k, v in data.items() if k != "num_train_words"}
+    old = Vocabulary.from_dict({**old_data, "version": 1})
+    assert old.num_train_words == len(old) == len(vocab) and old.num_extra_words == 0
+    for bad in (2, len(vocab) + 1, "7"):
+        with pytest.raises(ValueError, match="num_train_words"):
+            Vocabulary.from_dict({**data, "num_train_words": bad})
+
+
+def test_glove_extra_words_config_validation():
+    assert from_dict(VocabConfig, {"glove_extra_words": 100_000}).glove_extra_words == 100_000
+    with pytest.raises(ConfigError, match=r"^glove_extra_words: must be >= 0"):
+        from_dict(VocabConfig, {"glove_extra_words": -1})

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
+from cmr.config import ConfigError
 from cmr.data.assign import worker_batch_counts
 from cmr.data.batch import Batch
 from cmr.data.decode import BadSample, parse_text
@@ -17,6 +18,7 @@ from cmr.data.pipeline import DataConfig, ShardStream
 from cmr.data.source import DataError, ShardSet, open_split
 from cmr.data.tario import read_members
 from cmr.data.vocab import Vocabulary
+from cmr.glove import load_glove_words
 
 
 class StreamingLoader:
@@ -191,12 +193,21 @@ def collect_captions(shardset: ShardSet) -> list[str]:
     return captions
 
 
-def build_vocabulary(cfg: DataConfig) -> Vocabulary:
-    """The vocabulary of the training split's captions (save it with the run)."""
+def build_vocabulary(cfg: DataConfig, glove: str | None = None) -> Vocabulary:
+    """The vocabulary of the training split's captions (save it with the run), extended by
+    ``cfg.vocab.glove_extra_words`` words of ``glove`` (``model.text_encoder.glove``)."""
     captions = collect_captions(open_split(cfg.shards, cfg.train_split))
     if not captions:
         raise DataError(f"no readable captions in {cfg.shards}/{cfg.train_split}")
-    return Vocabulary.build(captions, cfg.vocab)
+    glove_words = None
+    if cfg.vocab.glove_extra_words > 0:
+        if glove is None:
+            raise ConfigError("data.vocab.glove_extra_words", "needs model.text_encoder.glove set")
+        try:
+            glove_words = load_glove_words(glove)
+        except (OSError, ValueError, ImportError) as err:
+            raise ConfigError("model.text_encoder.glove", str(err)) from None
+    return Vocabulary.build(captions, cfg.vocab, glove_words)
 
 
 def build_loader(

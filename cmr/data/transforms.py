@@ -29,8 +29,10 @@ class ImageTransformConfig:
     scale: tuple[float, float] = (0.5, 1.0)  # train: random resized crop area fraction range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # train: crop aspect ratio (w/h) range
     hflip: float = 0.5  # train: probability of a horizontal flip
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Normalisation; null = the image backbone's own (ImageNet mean/std for torchvision nets,
+    # [-1, 1] for EfficientNet-Lite), filled in when the experiment config is resolved.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def validate(self) -> None:
         if self.size < 1:
@@ -47,7 +49,7 @@ class ImageTransformConfig:
             raise ConfigError("ratio", f"need 0 < min <= max, got {list(self.ratio)}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ConfigError("hflip", f"is a probability in [0, 1], got {self.hflip}")
-        if not all(s > 0 for s in self.std):
+        if self.std is not None and not all(s > 0 for s in self.std):
             raise ConfigError("std", f"every value must be > 0, got {list(self.std)}")
 
     @property
@@ -170,6 +172,9 @@ def normalize(
             f"normalize out= must be float32 {list(images.shape)}, "
             f"got {out.dtype} {list(out.shape)}"
         )
+    if mean is None or std is None:
+        raise ValueError("normalize needs mean and std (data.image.mean/std are resolved from the "
+                         "backbone by ExperimentConfig; pass them when using DataConfig alone)")
     scale, offset = _normalize_constants(tuple(mean), tuple(std), images.device)
     floats = images.to(torch.float32) if out is None else out.copy_(images)
     floats.mul_(scale).add_(offset)

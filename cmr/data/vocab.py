@@ -3,6 +3,11 @@
 The vocabulary is built once from the training captions, saved as JSON next to the
 shards/checkpoints, and must map a word to the same id on every rank and every resume,
 so building it is deterministic: frequency order, ties broken alphabetically.
+
+It has two parts: the specials and the training words (what the caption decoder can say),
+then optionally an extension of GloVe words (``glove_extra_words``) that only the text
+encoder knows, so that a search query for "kitten" is not all ``<unk>`` when no training
+caption says "kitten". The extension follows GloVe's own order (most frequent first).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,9 @@ import torch
 from cmr.config import ConfigError
 
 VOCAB_FORMAT = "cmr-vocab"
-VOCAB_FORMAT_VERSION = 1
+# Version 1 files have no extension; version 2 adds ``num_train_words``. A vocabulary without
+# an extension is still written as version 1, so older code keeps reading it.
+VOCAB_FORMAT_VERSION = 2
 
 
 def _combining_mark_class() -> str:
@@ -63,6 +70,11 @@ class VocabConfig:
     min_count: int = 1  # words seen fewer times in the training captions -> <unk>
     max_size: int | None = None  # most entries in total, the 4 special tokens included
     max_caption_tokens: int = 32  # words kept per caption (before <start>/<end> are added)
+    # Extend the vocabulary with the N most frequent GloVe words (model.text_encoder.glove)
+    # that no training caption has, plus every training word below min_count / beyond
+    # max_size that GloVe has. Only the text encoder sees them, with frozen GloVe vectors;
+    # the caption decoder reads them as <unk>. 0: no extension.
+    glove_extra_words: int = 0
 
     def validate(self) -> None:
         if self.min_count < 1:
@@ -74,25 +86,46 @@ class VocabConfig:
             )
         if self.max_caption_tokens < 1:
             raise ConfigError("max_caption_tokens", f"must be >= 1, got {self.max_caption_tokens}")
+        if self.glove_extra_words < 0:
+            raise ConfigError(
+                "glove_extra_words", f"must be >= 0 (0 = off), got {self.glove_extra_words}"
+            )
 
 
 class Vocabulary:
     PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
     SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3
 
-    def __init__(self, words: Iterable[str], max_caption_tokens: int = 32):
-        """``words``: the non-special entries in id order (ids start at 4)."""
+    def __init__(
+        self, words: Iterable[str], max_caption_tokens: int = 32, num_train_words: int | None = None
+    ):
+        """``words``: the non-special entries in id order (ids start at 4).
+
+        ``num_train_words``: how many leading entries, the 4 specials included, come from the
+        training captions (the caption decoder's vocabulary); the rest are the GloVe
+        extension. None: all of them (no extension).
+        """
         self.itos: list[str] = [*self.SPECIALS, *words]
         self.stoi: dict[str, int] = {word: i for i, word in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             duplicates = sorted(w for w, n in Counter(self.itos).items() if n > 1)
             raise ValueError(f"vocabulary has duplicate entries: {duplicates[:5]}")
+        self.num_train_words = len(self.itos) if num_train_words is None else num_train_words
+        if not len(self.SPECIALS) <= self.num_train_words <= len(self.itos):
+            raise ValueError(
+                f"num_train_words must be in [{len(self.SPECIALS)}, {len(self.itos)}], "
+                f"got {self.num_train_words}"
+            )
         self.max_caption_tokens = max_caption_tokens
         self.pad_id, self.start_id, self.end_id, self.unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], cfg: VocabConfig) -> Vocabulary:
-        """Count the words of ``captions`` and keep the frequent ones, most frequent first."""
+    def build(
+        cls, captions: Iterable[str], cfg: VocabConfig, glove_words: Sequence[str] | None = None
+    ) -> Vocabulary:
+        """Count the words of ``captions`` and keep the frequent ones, most frequent first;
+        then, if ``cfg.glove_extra_words``, the extension from ``glove_words`` (GloVe's words
+        in its own order, most frequent first)."""
         counts = Counter()
         for caption in captions:
             counts.update(tokenize(caption))
@@ -102,7 +135,18 @@ class Vocabulary:
         )
         if cfg.max_size is not None:
             kept = kept[: cfg.max_size - len(cls.SPECIALS)]
-        return cls(kept, cfg.max_caption_tokens)
+        if cfg.glove_extra_words == 0:
+            return cls(kept, cfg.max_caption_tokens)
+        if glove_words is None:
+            raise ValueError("vocab.glove_extra_words > 0 needs the GloVe words (glove_words)")
+        dropped = set(counts).difference(kept)
+        extra = _glove_extension(glove_words, set(kept), dropped, cfg.glove_extra_words)
+        return cls([*kept, *extra], cfg.max_caption_tokens, len(cls.SPECIALS) + len(kept))
+
+    @property
+    def num_extra_words(self) -> int:
+        """Entries of the GloVe extension (after the training words); 0 without one."""
+        return len(self.itos) - self.num_train_words
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -111,6 +155,7 @@ class Vocabulary:
         return (
             isinstance(other, Vocabulary)
             and self.itos == other.itos
+            and self.num_train_words == other.num_train_words
             and self.max_caption_tokens == other.max_caption_tokens
         )
 
@@ -156,18 +201,21 @@ class Vocabulary:
     # ------------------------------------------------------------------ persistence
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": VOCAB_FORMAT,
-            "version": VOCAB_FORMAT_VERSION,
+            "version": 1,
             "max_caption_tokens": self.max_caption_tokens,
             "itos": list(self.itos),
         }
+        if self.num_extra_words:
+            data.update(version=VOCAB_FORMAT_VERSION, num_train_words=self.num_train_words)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
             raise ValueError(f"not a {VOCAB_FORMAT} vocabulary (missing format field)")
-        if data.get("version") != VOCAB_FORMAT_VERSION:
+        if data.get("version") not in (1, VOCAB_FORMAT_VERSION):
             raise ValueError(f"unsupported vocabulary version {data.get('version')!r}")
         itos = data.get("itos")
         if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos):
@@ -177,7 +225,10 @@ class Vocabulary:
         max_tokens = data.get("max_caption_tokens", 32)
         if type(max_tokens) is not int or max_tokens < 1:
             raise ValueError(f"max_caption_tokens must be a positive int, got {max_tokens!r}")
-        return cls(itos[len(cls.SPECIALS) :], max_tokens)
+        num_train_words = data.get("num_train_words")  # absent (version 1): no extension
+        if num_train_words is not None and type(num_train_words) is not int:
+            raise ValueError(f"num_train_words must be an int, got {num_train_words!r}")
+        return cls(itos[len(cls.SPECIALS) :], max_tokens, num_train_words)
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically: a crash never leaves a half-written vocabulary."""
@@ -197,6 +248,34 @@ class Vocabulary:
             return cls.from_dict(data)
         except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
             raise ValueError(f"{path} is not a valid vocabulary file: {err}") from None
+
+
+def _glove_extension(
+    glove_words: Sequence[str], train_words: set[str], dropped: set[str], num_words: int
+) -> list[str]:
+    """The extension, in GloVe's order: its ``num_words`` most frequent words that the training
+    captions lack, plus every ``dropped`` training-caption word (below min_count, beyond
+    max_size) it has, wherever it ranks, so those keep a real vector instead of ``<unk>``.
+
+    Only words the tokenizer can produce qualify (GloVe 6B also has ",", "'s", "u.s."...:
+    no caption or query ever yields them, so their rows would be dead weight).
+    """
+    extra: list[str] = []
+    seen, num_top, dropped_left = set(train_words), 0, set(dropped)
+    for word in glove_words:
+        if num_top >= num_words and not dropped_left:
+            break
+        if word in seen:
+            continue
+        if word in dropped_left:
+            dropped_left.discard(word)
+        elif num_top < num_words and tokenize(word) == [word]:
+            num_top += 1
+        else:
+            continue
+        seen.add(word)
+        extra.append(word)
+    return extra
 
 
 def pad_captions(token_ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

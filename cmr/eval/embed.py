@@ -8,25 +8,34 @@ a collective while another does all the work.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cmr.data.decode import BadSample, parse_text
+from cmr.data.tario import read_members
 from cmr.data.transforms import normalize
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class EmbeddingSet:
     """A split's images and captions in the joint space (float32, CPU).
 
-    ``caption_owner[c]`` is the row in ``image_emb`` of caption c's image; ``captions[c]``
-    its token ids (for display). ``ids``/``keys``/``labels`` are per image.
+    ``caption_owner[c]`` is the row in ``image_emb`` of caption c's image; ``caption_texts[c]``
+    its text as the shard stores it, read as the loader reads it (blank captions dropped, ends
+    stripped), for display: its token ids would show every word the vocabulary lacks as
+    <unk>. ``ids``/``keys``/``labels`` are per image.
     """
 
     image_emb: torch.Tensor  # [N, D]
     caption_emb: torch.Tensor  # [C, D]
     caption_owner: torch.Tensor  # [C] int64
-    captions: list[list[int]]
+    caption_texts: list[str]
     ids: list[Any]
     keys: list[str]
     labels: list[Any]
@@ -68,26 +77,28 @@ def compute_embeddings(model, loader, *, mean, std, device, accelerator=None) ->
     is given. Padding rows are dropped; caption owners are renumbered to the kept rows."""
     was_training = model.training
     model.eval()
-    images, texts, owners, captions, ids, keys, labels = [], [], [], [], [], [], []
+    images, caption_parts, owners, ids, keys, labels = [], [], [], [], [], []
     for batch in loader:
         image_emb, caption_emb = encode_batch(model, batch, mean, std, device)
         # Row i of the batch -> index of that image among the kept ones so far.
         row_to_kept = torch.cumsum(batch.mask.long(), 0) - 1 + sum(x.shape[0] for x in images)
         images.append(image_emb)
-        texts.append(caption_emb)
+        caption_parts.append(caption_emb)
         owners.append(row_to_kept[batch.caption_owner])
-        captions += [c[:n] for c, n in zip(batch.all_captions.tolist(), batch.all_lengths.tolist())]
         real = batch.mask.tolist()
         ids += [x for x, m in zip(batch.ids, real) if m]
         keys += [x for x, m in zip(batch.keys, real) if m]
         labels += [x for x, m in zip(batch.labels, real) if m]
     model.train(was_training)
     dim = images[0].shape[1] if images else 0
+    caption_owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+    split_dir = loader.dataset.shardset.split_dir
     local = EmbeddingSet(
         image_emb=torch.cat(images) if images else torch.zeros(0, dim),
-        caption_emb=torch.cat(texts) if texts else torch.zeros(0, dim),
-        caption_owner=torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
-        captions=captions, ids=ids, keys=keys, labels=labels,
+        caption_emb=torch.cat(caption_parts) if caption_parts else torch.zeros(0, dim),
+        caption_owner=caption_owner,
+        caption_texts=texts_per_caption_row(split_dir, keys, caption_owner.tolist()),
+        ids=ids, keys=keys, labels=labels,
     )
     if accelerator is None or accelerator.num_processes == 1:
         return local
@@ -107,8 +118,47 @@ def _gather(local: EmbeddingSet, accelerator) -> EmbeddingSet:
         image_emb=torch.cat([p.image_emb for p in parts]),
         caption_emb=torch.cat([p.caption_emb for p in parts]),
         caption_owner=torch.cat(owners),
-        captions=[c for p in parts for c in p.captions],
+        caption_texts=[c for p in parts for c in p.caption_texts],
         ids=[x for p in parts for x in p.ids],
         keys=[x for p in parts for x in p.keys],
         labels=[x for p in parts for x in p.labels],
     )
+
+
+def read_caption_texts(split_dir: str | Path, keys: list[str]) -> dict[str, list[str]]:
+    """The captions of the samples ``keys`` ("<shard file>/<key>"), parsed as the loader parses
+    them (so they line up with its caption rows), reading only the shards' text members."""
+    wanted: dict[str, set[str]] = {}
+    for key in keys:
+        shard, _, sample = key.partition("/")
+        wanted.setdefault(shard, set()).add(sample)
+    found: dict[str, list[str]] = {}
+    for shard, samples in wanted.items():
+        groups: dict[str, dict] = {}
+        for sample, ext, data in read_members(Path(split_dir) / shard, ("json", "txt")):
+            if sample in samples:
+                groups.setdefault(sample, {})[ext] = data
+        for sample, group in groups.items():
+            try:
+                found[f"{shard}/{sample}"] = parse_text(group)[0]
+            except BadSample:
+                continue  # the loader skipped it too, so no caption row asks for it
+    return found
+
+
+def texts_per_caption_row(split_dir: str | Path, keys: list[str],
+                          caption_owner: list[int]) -> list[str]:
+    """Per caption row, its stored text: the n-th row of an image is its n-th caption."""
+    # Read back by key rather than carried through the loader: one pass over the text members
+    # of the shards involved, instead of strings in every training batch.
+    stored = read_caption_texts(split_dir, keys)
+    seen: Counter = Counter()
+    texts = []
+    for owner in caption_owner:
+        captions = stored.get(keys[owner], [])
+        texts.append(captions[seen[owner]] if seen[owner] < len(captions) else "")
+        seen[owner] += 1
+    if not all(texts):  # only if a shard changed while it was being read
+        logger.warning("%s: %d caption texts could not be read back; shown empty",
+                       split_dir, sum(not t for t in texts))
+    return texts

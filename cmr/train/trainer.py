@@ -54,11 +54,13 @@ class Trainer:
         self.loader = build_loader(cfg.data, self.vocab, split=cfg.data.train_split, mode="train",
                                    rank=acc.process_index, world_size=acc.num_processes, batch_multiple=k)
         check_launch(acc, tcfg, cfg.data.batch_size)
-        model = build_model(cfg.model, self.vocab.itos)
+        cfg.resolve_feature_dim(self.loader.dataset.shardset.feature_dim)
+        model = build_model(cfg.model, self.vocab.itos, self.vocab.num_train_words)
         groups = model.param_groups()
         self.groups = list(groups)
         optimizer = build_optimizer(model, groups, tcfg.optimizer)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.raw_model = acc.unwrap_model(self.model)  # unwrapping costs ~20 ms: once, not per step
         # DeepSpeed bf16/fp16 holds half-precision weights without autocast: feed it its dtype.
         self.input_dtype = next(self.model.parameters()).dtype if uses_deepspeed(acc) else torch.float32
         self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
@@ -81,7 +83,7 @@ class Trainer:
         """A resumed run keeps its vocabulary (word ids must not move under the model)."""
         if resume_path is not None:
             return Vocabulary.from_dict(json.loads(self.checkpointer.read_file(resume_path, "vocab.json")))
-        return build_vocabulary(self.cfg.data)
+        return build_vocabulary(self.cfg.data, self.cfg.model.text_encoder.glove)
 
     def _eval_loader(self):
         acc = self.accelerator
@@ -234,7 +236,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr if group["name"] in self.trainable else 0.0
         progress = self.global_step / max(1, self.plan.total_steps)
-        self.grl_lambda = self.accelerator.unwrap_model(self.model).set_training_progress(progress)
+        self.grl_lambda = self.raw_model.set_training_progress(progress)
 
     def _agree(self, nonfinite: bool, preempt: bool) -> tuple[bool, bool]:
         """One all-reduce: did any rank see a non-finite loss, or a preemption signal?"""
@@ -299,14 +301,16 @@ class Trainer:
     def _log_query_grids(self, embeddings) -> None:
         """A few fixed validation queries as search grids, as a wandb table."""
         num = self.cfg.eval.num_query_grids
-        shardset = self.eval_loader.dataset.shardset
-        if not num or not self.cfg.train.logging.wandb or shardset.modality != "image":
+        split_dir = self.eval_loader.dataset.shardset.split_dir
+        if not num or not self.cfg.train.logging.wandb:
             return
         import wandb
 
-        from cmr.search import fixed_query_grids
+        from cmr.search_results import fixed_query_grids, picture_split_dir
 
-        grids = fixed_query_grids(embeddings, self.vocab, shardset.split_dir, num_queries=num)
+        if picture_split_dir(split_dir) is None:  # features whose image dataset is unknown
+            return
+        grids = fixed_query_grids(embeddings, split_dir, num_queries=num)
         table = wandb.Table(columns=["query", "top results"], data=[[q, wandb.Image(img)] for q, img in grids])
         self.accelerator.get_tracker("wandb", unwrap=True).log({"eval/query_grids": table}, step=self.global_step)
 
