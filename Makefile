@@ -32,7 +32,7 @@ features: $(FEATURES)/train/manifest.json
 
 $(FEATURES)/train/manifest.json: $(DATA)/train/manifest.json
 	$(ACCELERATE_CPU) launch/extract.py --shards $(DATA) --out $(FEATURES) \
-	    --backbone efficientnet_lite0 --weights imagenet --image-size 128
+	    --backbone efficientnet_lite0 --weights imagenet --image-size 128 --num-workers 0
 
 demo: features
 	$(PY) -m shards validate $(DATA)
