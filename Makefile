@@ -50,10 +50,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
-bench: $(STAMP)
+bench: shards
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/epoch_start.py
+	$(PY) benchmarks/extract_speed.py --shards $(DATA)
+	$(PY) benchmarks/vocab_coverage.py --shards $(DATA)
 
 clean:
 	rm -rf $(VENV) data build *.egg-info

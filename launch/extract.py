@@ -10,6 +10,7 @@ features` (the feature size comes from its manifest).
 
 import argparse
 import json
+import os
 import sys
 
 from cmr.config import ConfigError, from_dict
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
     except ExtractError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary), flush=True)
+    # Every rank prints its own summary into one shared pipe: write the line in one
+    # os.write (atomic below PIPE_BUF) so two ranks' lines never interleave.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps(summary) + "\n").encode())
     return 0
 
 

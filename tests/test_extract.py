@@ -186,3 +186,18 @@ def test_another_extraction_into_the_same_directory_is_refused(source, one_proce
     result = run_cli(*extract_args(source, one_process, "--dtype", "float16"))
     assert result.returncode == 2
     assert "holds features of another extraction (dtype differ)" in result.stderr
+
+
+@pytest.mark.slow
+def test_bf16_extraction_is_close_to_fp32_and_recorded(source, one_process, tmp_path):
+    """What a GPU run does by default (precision auto -> bf16), on the CPU's autocast."""
+    out = tmp_path / "bf16"
+    ok(run_cli(*extract_args(source, out, "--precision", "bf16", "--splits", "test")))
+    assert read_manifest(out / "test").source["precision"] == "bf16"
+    fp32 = {k: v for k, v in read_features(one_process).items() if k[0] == "test"}
+    bf16 = read_features(out)
+    assert set(bf16) == set(fp32)
+    for key, (_, feature) in bf16.items():
+        reference = fp32[key][1]
+        cosine = float(feature @ reference / (np.linalg.norm(feature) * np.linalg.norm(reference)))
+        assert cosine > 0.99 and not np.array_equal(feature, reference)
