@@ -52,6 +52,8 @@ test-fast: $(STAMP)
 
 bench: shards
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/data_throughput.py --reference-workers restart
+	$(PY) benchmarks/remote_speed.py
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/epoch_start.py
 	$(PY) benchmarks/extract_speed.py --shards $(DATA)

@@ -9,7 +9,9 @@ batches of 64 in the main process:
 - ours: ``cmr.data`` (uint8 decode + augment in workers, uint8 shipped, normalised in the
   main process), which also tokenises the captions.
 
-Runs alternate (ref, ours, ref, ours, ...) so both see the same machine state; the ratio of
+``--reference-workers persistent`` (the default) gives the reference
+``persistent_workers=True``; ``restart`` restarts its workers every epoch, as the README's
+snippet does. Runs alternate (ref, ours, ref, ours, ...) so both see the same machine state; the ratio of
 medians is printed. Also prints the loader's main-process RSS after epoch 1 and epoch 5.
 
     python benchmarks/data_throughput.py [--flickr ../shared/data/flickr8k_1k] [--epochs 3]
@@ -49,7 +51,7 @@ def build_shards(flickr: Path, out: Path) -> Path:
     return out
 
 
-def reference_loader(shard_dir: Path, batch_size: int, workers: int):
+def reference_loader(shard_dir: Path, batch_size: int, workers: int, persistent: bool = True):
     urls = sorted(str(p) for p in (shard_dir / "train").glob("*.tar"))
     preprocess = transforms.Compose([
         transforms.RandomResizedCrop(224, scale=(0.5, 1.0)),
@@ -65,11 +67,12 @@ def reference_loader(shard_dir: Path, batch_size: int, workers: int):
         .map_tuple(preprocess, lambda meta: meta["captions"][0])
         .batched(batch_size, partial=False)
     )
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers,
+                         persistent_workers=persistent and workers > 0)
 
 
-def time_reference(shard_dir, batch_size, workers, epochs):
-    loader = reference_loader(shard_dir, batch_size, workers)
+def time_reference(shard_dir, batch_size, workers, epochs, persistent=True):
+    loader = reference_loader(shard_dir, batch_size, workers, persistent)
     count, start = 0, time.perf_counter()
     for _ in range(epochs):
         for images, _captions in loader:
@@ -112,10 +115,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reference-workers", choices=("persistent", "restart"), default="persistent",
+                        help="the reference's DataLoader workers live across epochs (persistent_workers=True, "
+                             "as any user sets) or restart every epoch (webdataset's README as written)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the main process only normalises; leave the cores to workers
     shard_dir = build_shards(args.flickr, args.shards)
+    persistent = args.reference_workers == "persistent"
     cfg = from_dict(DataConfig, {"shards": str(shard_dir), "batch_size": args.batch_size,
                                  "num_workers": args.workers, "image": {"size": 224}})
     vocab = build_vocabulary(cfg)
@@ -123,7 +130,7 @@ def main() -> None:
 
     ref_rates, our_rates = [], []
     for r in range(args.repeats):
-        ref_rates.append(time_reference(shard_dir, args.batch_size, args.workers, args.epochs))
+        ref_rates.append(time_reference(shard_dir, args.batch_size, args.workers, args.epochs, persistent))
         our_rates.append(time_ours(loader, args.epochs, first_epoch=r * args.epochs))
         print(f"run {r}: reference {ref_rates[-1]:7.1f} samples/s   cmr.data {our_rates[-1]:7.1f} samples/s")
 
@@ -138,6 +145,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
         "samples_per_epoch": len(loader) * args.batch_size,
+        "reference_workers": args.reference_workers,
         "reference_samples_per_s": round(ref, 1),
         "cmr_samples_per_s": round(ours, 1),
         "ratio": round(ours / ref, 2),
@@ -148,7 +156,9 @@ def main() -> None:
         "peak_rss_mib_with_workers_epoch_5": round(peaks[4], 1),
     }
     print(json.dumps(result, indent=2))
-    print(f"cmr.data / webdataset-docs pipeline = {ours / ref:.2f}x (goal >= 2.0x); "
+    goal = 1.6 if persistent else 2.0
+    print(f"cmr.data / webdataset-docs pipeline ({args.reference_workers} workers) = {ours / ref:.2f}x "
+          f"(goal >= {goal}x); "
           f"RSS epoch 5 / epoch 1 = {rss_5 / rss_1:.3f} (goal <= 1.10)")
 
 

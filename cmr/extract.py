@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cmr.config import ConfigError
 from cmr.data.decode import BadSample, decode_image, parse_text
 from cmr.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file, write_manifest
+from cmr.data.remote import is_url, redact
 from cmr.data.source import DataError, ShardSet, open_split
 from cmr.data.tario import IMAGE_EXTENSIONS, iter_tar_samples
 from cmr.data.transforms import ImageTransformConfig, eval_transform, normalize
@@ -106,6 +107,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def open_source_splits(cfg: ExtractConfig) -> dict[str, ShardSet]:
+    if is_url(cfg.shards):
+        raise ExtractError(f"--shards {redact(cfg.shards)}: the extraction reads a local dataset directory "
+                           "(it writes beside it); copy the shards to local disk first")
     root = Path(cfg.shards)
     if not root.is_dir():
         raise ExtractError(f"dataset not found: {root} (build one with `python -m shards build ...`)")

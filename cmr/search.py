@@ -36,7 +36,7 @@ import torch
 from cmr.config import ConfigError, to_dict
 from cmr.data.decode import BadSample, decode_image
 from cmr.data.loader import build_loader
-from cmr.data.source import ShardSet, open_split
+from cmr.data.source import ShardSet
 from cmr.data.transforms import decode_min_side, eval_transform, normalize
 from cmr.data.vocab import Vocabulary, tokenize
 from cmr.eval.embed import EmbeddingSet, compute_embeddings
@@ -207,6 +207,11 @@ def _stat(path: Path) -> list:
         return [-1, -1]  # a missing shard: the loader counts its samples as missing
 
 
+def _without_secrets(location) -> str:
+    # Hashed into a cache file name, never shown; the query string (a signature) changes.
+    return str(location).split("?", 1)[0]
+
+
 def _weight_files(checkpoint: Path) -> list[Path]:
     if (checkpoint / "model.safetensors").is_file():
         return [checkpoint / "model.safetensors"]
@@ -219,12 +224,21 @@ def embeddings_cache_path(cache_dir: str | Path, shardset: ShardSet, split: str,
     """Where the gallery embeddings of (split, checkpoint) are cached; the name changes with
     anything that changes them: shard files, manifest, weights, preprocessing, vocabulary."""
     checkpoint = Path(checkpoint)
-    manifest = shardset.split_dir / "manifest.json"
+    if shardset.is_remote:  # a remote object's version is its ETag/size/mtime
+        where = _without_secrets(shardset.split_dir)
+        shards = [[name, shardset.opener.stamp(p)] for name, p in zip(shardset.names, shardset.paths)]
+        manifest_sha = (hashlib.sha256(json.dumps(shardset.manifest.to_json(), sort_keys=True).encode()).hexdigest()
+                        if shardset.manifest else None)
+    else:
+        manifest = Path(shardset.split_dir) / "manifest.json"
+        where = str(Path(shardset.split_dir).resolve())
+        shards = [[p.name, *_stat(p)] for p in shardset.paths]
+        manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     state = {
         "version": CACHE_VERSION,
-        "split_dir": str(shardset.split_dir.resolve()),
-        "shards": [[p.name, *_stat(p)] for p in shardset.paths],
-        "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        "split_dir": where,
+        "shards": shards,
+        "manifest": manifest_sha,
         "weights": [[str(p.relative_to(checkpoint)), *_stat(p)] for p in _weight_files(checkpoint)],
         "image": to_dict(data_cfg.image),
         "max_pixels": data_cfg.max_pixels,
@@ -248,8 +262,9 @@ def gallery_embeddings(
     came from; ``cfg``: the run's config (``cfg.data`` says how samples are prepared)."""
     if num_workers is None:
         num_workers = cfg.data.num_workers
-    data_cfg = dataclasses.replace(cfg.data, shards=str(shards), num_workers=num_workers)
-    shardset = open_split(shards, split)
+    data_cfg = dataclasses.replace(cfg.data, shards=shards if isinstance(shards, (list, dict)) else str(shards),
+                                   num_workers=num_workers)
+    shardset = data_cfg.open_split(split)
     path = embeddings_cache_path(Path(root) / "cache", shardset, split, checkpoint, data_cfg, vocab)
     cached = _read_cache(path)
     if cached is not None:

@@ -4,8 +4,11 @@
     python -m shards build jsonl    --captions FILE --images-root DIR --out DIR
     python -m shards build karpathy --json dataset_coco.json --images-root DIR --out DIR
     python -m shards build features --features X.npy --captions FILE --out DIR
-    python -m shards inspect DIR
-    python -m shards validate DIR [--decode]
+    python -m shards inspect DIR|URL
+    python -m shards validate DIR|URL [--decode]
+
+Builders write to a local directory only; inspect and validate also read a dataset served
+over http(s) or kept in an object store (s3://, gs://, ...), streaming every shard once.
 
 Exit codes: 0 ok, 1 validation found problems (or an internal error), 2 user error.
 """
@@ -18,6 +21,7 @@ import os
 import sys
 
 from cmr.config import ConfigError
+from cmr.data.remote import Opener, is_url, redact
 from shards.emoji import build_emoji
 from shards.features import build_features
 from shards.jsonl import build_jsonl
@@ -46,7 +50,7 @@ def _split_fractions(text: str) -> tuple[float, float, float]:
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--out", required=True, help="output dataset directory (local)")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard")
     parser.add_argument(
         "--workers",
@@ -107,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (emoji, jsonl, karpathy, features):
         _add_build_options(sub)
 
+    where = ("a built dataset: a directory, or a URL prefix (https://host/data, s3://bucket/data) "
+             "whose split folders hold manifest.json")
     inspect = commands.add_parser("inspect", help="print a JSON summary of a built dataset")
-    inspect.add_argument("dir")
+    inspect.add_argument("dir", help=where)
     validate = commands.add_parser("validate", help="check every shard against its manifest")
-    validate.add_argument("dir")
+    validate.add_argument("dir", help=where)
     validate.add_argument("--decode", action="store_true", help="also decode every payload")
+    for command in (inspect, validate):
+        command.add_argument("--max-retries", type=int, default=3, help="remote: retries after a transient fault")
     return parser
 
 
@@ -129,6 +137,9 @@ def _build_options(args: argparse.Namespace) -> dict:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    if is_url(args.out):
+        raise ShardsError(f"--out {redact(args.out)}: builders write to a local directory; "
+                          "upload the result afterwards (e.g. aws s3 sync DIR s3://bucket/data)")
     options = _build_options(args)
     if args.source == "emoji":
         report = build_emoji(args.out, cache_dir=args.cache_dir, **options)
@@ -153,23 +164,27 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opener(args: argparse.Namespace) -> Opener:
+    return Opener(allow_pipe=False, max_retries=args.max_retries)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(inspect_dataset(args.dir), indent=2, ensure_ascii=False))
+    print(json.dumps(inspect_dataset(args.dir, _opener(args)), indent=2, ensure_ascii=False))
     return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    problems = validate_dataset(args.dir, decode=args.decode)
+    problems = validate_dataset(args.dir, decode=args.decode, opener=_opener(args))
     for problem in problems:
         print(problem)
-    summary = inspect_dataset(args.dir) if not problems else None
+    summary = inspect_dataset(args.dir, _opener(args)) if not problems else None
     if summary is not None:
         print(
             f"ok: {summary['samples']} samples in {len(summary['splits'])} splits "
             f"({', '.join(summary['splits'])}){', all decoded' if args.decode else ''}"
         )
         return 0
-    print(f"FAILED: {len(problems)} problem(s) in {args.dir}")
+    print(f"FAILED: {len(problems)} problem(s) in {redact(args.dir)}")
     return 1
 
 

@@ -7,6 +7,7 @@ left from an older build. Every problem is one line naming the split and shard.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -17,14 +18,19 @@ from PIL import Image
 
 from cmr.data.manifest import Manifest, read_manifest, sha256_file
 from shards.images import own_pixel_limit
-from shards.summary import find_splits
+from cmr.data.remote import LOCAL, Location, Opener, RemoteError, close_quietly, is_remote, join, redact
+from shards.report import ShardsError
+from shards.summary import REMOTE_SPLITS, find_splits, load_manifest
 from shards.writer import SHARD_PATTERN
 
 PAYLOAD_EXTS = {"image": ("jpg", "png"), "features": ("feat.npy",)}
 
 
-def validate_dataset(dataset_dir: str | Path, decode: bool = False) -> list[str]:
-    """Problems found, one line each; an empty list means the dataset is intact."""
+def validate_dataset(dataset_dir: Location, decode: bool = False, opener: Opener = LOCAL) -> list[str]:
+    """Problems found, one line each; an empty list means the dataset is intact. A remote
+    dataset (URL) is read through ``opener``: every shard streamed once, hashed as it comes."""
+    if is_remote(dataset_dir):
+        return _validate_remote(dataset_dir, decode, opener)
     dataset_dir = Path(dataset_dir)
     splits = find_splits(dataset_dir)
     problems = []
@@ -68,18 +74,92 @@ def validate_split(manifest: Manifest, split_dir: Path, decode: bool) -> list[st
     return problems
 
 
+def _validate_remote(dataset_dir: str, decode: bool, opener: Opener) -> list[str]:
+    splits = find_splits(dataset_dir, opener)
+    if not splits:
+        return [f"{redact(dataset_dir)}: no <split>/manifest.json found (looked for {', '.join(REMOTE_SPLITS)})"]
+    problems: list[str] = []
+    for name, split_dir in splits.items():
+        try:
+            manifest = load_manifest(split_dir, opener)
+        except ShardsError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        if manifest.modality not in PAYLOAD_EXTS:
+            problems.append(f"{name}: unknown modality {manifest.modality!r} in the manifest")
+            continue
+        seen_keys: set[str] = set()
+        for shard in manifest.shards:
+            where = f"{name}/{shard.name}"
+            try:
+                samples, num_bytes, sha = opener.retry(
+                    lambda: _read_remote_samples(opener, join(split_dir, shard.name), decode), split_dir)
+            except RemoteError as err:
+                problems.append(f"{where}: {'missing' if err.reason == 'missing_shard' else 'unreadable'} ({err})")
+                continue
+            except (tarfile.TarError, EOFError) as err:
+                problems.append(f"{where}: unreadable tar ({err})")
+                continue
+            if num_bytes != shard.num_bytes:
+                problems.append(f"{where}: {num_bytes} bytes, manifest says {shard.num_bytes}")
+            if sha != shard.sha256:
+                problems.append(f"{where}: sha256 does not match the manifest (file changed)")
+            problems.extend(_check_samples(samples, where, shard.num_samples, manifest, decode, seen_keys))
+    return problems
+
+
+class _Hashing(io.RawIOBase):
+    """A stream that hashes and counts what passes through it."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.num_bytes = stream, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha.update(data)
+        self.num_bytes += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _read_remote_samples(opener: Opener, location, keep_payload: bool):
+    stream = opener.open(location)
+    try:
+        hashing = _Hashing(stream)
+        with tarfile.open(fileobj=hashing, mode="r|") as tar:
+            samples = _samples_of(tar, keep_payload)
+        while hashing.read(1 << 20):  # the tar's end padding counts in size and hash
+            pass
+        return samples, hashing.num_bytes, hashing.sha.hexdigest()
+    finally:
+        close_quietly(stream)
+
+
 def _read_samples(path: Path, keep_payload: bool) -> list[tuple[str, dict[str, bytes | None]]]:
     """[(key, {ext: bytes})] in tar order; payload bytes only kept when asked for."""
-    samples: dict[str, dict[str, bytes | None]] = {}
     with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            key, _, ext = info.name.partition(".")
-            files = samples.setdefault(key, {})
-            if not info.isfile():
-                files[ext or "<no extension>"] = None
-                continue
-            data = tar.extractfile(info).read()  # reads through: a truncated member raises
-            files[ext or "<no extension>"] = data if keep_payload or ext == "json" else None
+        return _samples_of(tar, keep_payload)
+
+
+def _samples_of(tar: tarfile.TarFile, keep_payload: bool) -> list[tuple[str, dict[str, bytes | None]]]:
+    samples: dict[str, dict[str, bytes | None]] = {}
+    for info in tar:
+        key, _, ext = info.name.partition(".")
+        files = samples.setdefault(key, {})
+        if not info.isfile():
+            files[ext or "<no extension>"] = None
+            continue
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:  # a stream that ends inside a member
+            raise tarfile.ReadError("unexpected end of data")
+        files[ext or "<no extension>"] = data if keep_payload or ext == "json" else None
     return list(samples.items())
 
 
@@ -90,6 +170,11 @@ def _check_shard(
         samples = _read_samples(path, keep_payload=decode)
     except (tarfile.TarError, OSError, EOFError) as err:
         return [f"{where}: unreadable tar ({err})"]
+    return _check_samples(samples, where, expected, manifest, decode, seen_keys)
+
+
+def _check_samples(samples, where: str, expected: int, manifest: Manifest, decode: bool,
+                   seen_keys: set[str]) -> list[str]:
     problems = []
     if len(samples) != expected:
         problems.append(f"{where}: {len(samples)} samples, manifest says {expected}")

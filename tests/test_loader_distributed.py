@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from tests.launch import REPO, accelerate_launch
+from tests.servers import ShardServer
 from tests.tiny_data import write_split
 
 WORKER = REPO / "tests" / "dist" / "loader_worker.py"
@@ -57,3 +58,19 @@ def test_resume_mid_epoch_gets_exactly_the_rest(shards, tmp_path):
         tail = load(rest, rank)["epochs"]["1"]["ids"]
         assert len(head) == 3 * 4
         assert head + tail == whole
+
+
+def test_shards_over_http_give_the_same_batches_bit_for_bit(shards, tmp_path):
+    """2 processes x 2 workers over 2 epochs from a real HTTP server: the batches of the
+    local directory, byte for byte, every sample once."""
+    local, remote = tmp_path / "local", tmp_path / "http"
+    check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(local), "--epochs", "2"))
+    with ShardServer(shards) as server:
+        # Three connections cut on the way (fewer than data.max_retries: nothing is lost).
+        drops = server.faults.drop_after(5000, path="train/*.tar", p=0.5, seed=3, times=3)
+        check(accelerate_launch(WORKER, "--shards", server.url, "--out", str(remote), "--epochs", "2"))
+        tars = {p for m, p in server.requests if m == "GET" and p.endswith(".tar")}
+    assert len(tars) == len(list((shards / "train").glob("*.tar")))  # it really read over http
+    assert drops.applied == 3
+    for rank in range(2):
+        assert load(remote, rank)["epochs"] == load(local, rank)["epochs"]

@@ -157,7 +157,7 @@ def test_output_path_that_is_a_file(tmp_path):
 
 def test_internal_errors_are_one_line_with_a_debug_hint(tmp_path, monkeypatch, capsys):
     # No real input reaches a bug on purpose, so plant one to exercise the crash handler.
-    def broken(_dir):
+    def broken(_dir, *args, **kwargs):
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "inspect_dataset", broken)

@@ -15,7 +15,8 @@ from cmr.data.assign import worker_batch_counts
 from cmr.data.batch import Batch
 from cmr.data.decode import BadSample, parse_text
 from cmr.data.pipeline import DataConfig, ShardStream
-from cmr.data.source import DataError, ShardSet, open_split
+from cmr.data.remote import redact
+from cmr.data.source import DataError, ShardSet, describe
 from cmr.data.tario import read_members
 from cmr.data.vocab import Vocabulary
 from cmr.glove import load_glove_words
@@ -103,7 +104,7 @@ class StreamingLoader:
             raise DataError(
                 f"{num_bad} of {self.num_seen} samples were unusable ({reasons}), more than "
                 f"data.max_bad_fraction={self.cfg.max_bad_fraction}; check the shards with "
-                f"`python -m shards validate {self.dataset.shardset.split_dir.parent}`"
+                f"`python -m shards validate {_validate_target(self.dataset.shardset)}`"
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,12 +179,19 @@ class _Lane:
         return iter(self.loader)
 
 
+def _validate_target(shardset: ShardSet) -> str:
+    split_dir = shardset.split_dir
+    if shardset.is_remote:
+        return redact(split_dir)
+    return str(Path(split_dir).parent if shardset.manifest is not None else split_dir)
+
+
 def collect_captions(shardset: ShardSet) -> list[str]:
     """All captions of a split, reading only the text members of each tar."""
     captions: list[str] = []
     for path in shardset.paths:
         groups: dict[str, dict] = {}
-        for key, ext, data in read_members(path, ("json", "txt")):
+        for key, ext, data in read_members(path, ("json", "txt"), shardset.opener):
             groups.setdefault(key, {})[ext] = data
         for group in groups.values():
             try:
@@ -196,9 +204,9 @@ def collect_captions(shardset: ShardSet) -> list[str]:
 def build_vocabulary(cfg: DataConfig, glove: str | None = None) -> Vocabulary:
     """The vocabulary of the training split's captions (save it with the run), extended by
     ``cfg.vocab.glove_extra_words`` words of ``glove`` (``model.text_encoder.glove``)."""
-    captions = collect_captions(open_split(cfg.shards, cfg.train_split))
+    captions = collect_captions(cfg.open_split(cfg.train_split))
     if not captions:
-        raise DataError(f"no readable captions in {cfg.shards}/{cfg.train_split}")
+        raise DataError(f"no readable captions in {describe(cfg.shards, cfg.train_split)}")
     glove_words = None
     if cfg.vocab.glove_extra_words > 0:
         if glove is None:
@@ -224,12 +232,12 @@ def build_loader(
 
     ``batch_multiple``: training epochs hold a multiple of this many batches per rank (the
     gradient accumulation steps, so every epoch ends on an optimizer step)."""
-    shardset = open_split(cfg.shards, split)
+    shardset = cfg.open_split(split)
     dataset = ShardStream(shardset, cfg, vocab, rank=rank, world_size=world_size, mode=mode,
                           batch_multiple=batch_multiple)
     if mode == "train" and not cfg.resampled:
         try:
             dataset.plan()
         except ValueError as err:
-            raise DataError(f"{Path(cfg.shards) / split}: {err}; lower data.batch_size") from None
+            raise DataError(f"{describe(cfg.shards, split)}: {err}; lower data.batch_size") from None
     return StreamingLoader(dataset)

@@ -30,7 +30,8 @@ from cmr.config import ConfigError
 from cmr.data.assign import EpochPlan, plan_epoch, resampled_shards, worker_batch_counts
 from cmr.data.batch import Batch, Sample, collate
 from cmr.data.decode import BadSample, decode_feature, decode_image, parse_text
-from cmr.data.source import ShardSet
+from cmr.data.remote import Opener, redact
+from cmr.data.source import ShardSet, open_split
 from cmr.data.tario import IMAGE_EXTENSIONS, Missing, read_piece
 from cmr.data.transforms import ImageTransformConfig, decode_min_side, eval_transform, train_transform
 from cmr.data.vocab import VocabConfig, Vocabulary
@@ -38,7 +39,11 @@ from cmr.data.vocab import VocabConfig, Vocabulary
 
 @dataclasses.dataclass
 class DataConfig:
-    shards: str  # dataset directory written by `python -m shards build ...`
+    # Where the shards are: a dataset directory written by `python -m shards build ...` or a
+    # URL prefix holding the same layout (https://host/coco, s3://bucket/coco); a brace
+    # pattern or list of shard locations (https://host/cc3m/{00000..00331}.tar) for one
+    # split; or a mapping {split: directory | pattern | list}.
+    shards: str | list[str] | dict[str, str | list[str]]
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 64  # per rank (and per micro-batch under gradient accumulation)
@@ -56,6 +61,13 @@ class DataConfig:
     min_samples_for_bad_check: int = 200
     resampled: bool = False  # draw shards with replacement (very large data)
     samples_per_epoch: int | None = None  # required with resampled
+    # Manifest-less shards: samples per shard (a list, or one count for every shard); else
+    # img2dataset's *_stats.json, else one counting pass (cached under ~/.cache/cmr).
+    shard_sizes: list[int] | int | None = None
+    allow_pipe: bool = False  # `pipe:` locations run a shell command: off unless asked for
+    max_retries: int = 3  # reopen a remote shard this often after a reset, stall or 5xx
+    retry_backoff_s: float = 1.0  # first wait before a retry; doubles with each
+    io_timeout_s: float = 60.0  # connect timeout, and the longest a transfer may stall
     image: ImageTransformConfig = dataclasses.field(default_factory=ImageTransformConfig)
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
 
@@ -74,6 +86,36 @@ class DataConfig:
             raise ConfigError("samples_per_epoch", "is required when resampled is true")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError("samples_per_epoch", f"must be >= 1, got {self.samples_per_epoch}")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries", f"must be >= 0, got {self.max_retries}")
+        for name in ("retry_backoff_s", "io_timeout_s"):
+            if getattr(self, name) < 0 or (name == "io_timeout_s" and self.io_timeout_s == 0):
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        sizes = [self.shard_sizes] if isinstance(self.shard_sizes, int) else self.shard_sizes or []
+        if any(n < 0 for n in sizes):
+            raise ConfigError("shard_sizes", f"counts must be >= 0, got {self.shard_sizes}")
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        specs = list(self.shards.values()) if isinstance(self.shards, dict) else [self.shards]
+        if isinstance(self.shards, dict) and not self.shards:
+            raise ConfigError("shards", "names no split")
+        for spec in specs:
+            for location in (spec if isinstance(spec, list) else [spec]):
+                if not location:
+                    raise ConfigError("shards", "is empty")
+                if str(location).startswith("pipe:") and not self.allow_pipe:
+                    raise ConfigError("allow_pipe", f"{redact(location)} runs a shell command; "
+                                      "set data.allow_pipe: true to allow it")
+
+    def opener(self) -> Opener:
+        """How this config's shards are opened (picklable: DataLoader workers carry it)."""
+        return Opener(allow_pipe=self.allow_pipe, max_retries=self.max_retries,
+                      retry_backoff_s=self.retry_backoff_s, timeout_s=self.io_timeout_s)
+
+    def open_split(self, split: str) -> ShardSet:
+        """The shards of ``split`` (sizes from ``shard_sizes`` only for manifest-less shards)."""
+        return open_split(self.shards, split, self.opener(), self.shard_sizes)
 
 
 def stable_seed(*parts: object) -> int:
@@ -204,19 +246,20 @@ class ShardStream(IterableDataset):
 
     def _raw_stream(self, worker: int) -> tuple[Iterator, int]:
         """This worker's raw samples for the epoch (shuffled) and how many batches they make."""
-        paths, sizes = self.shardset.paths, self.shardset.sizes
+        paths, sizes, names = self.shardset.paths, self.shardset.sizes, self.shardset.names
+        opener = self.shardset.opener
         if self.cfg.resampled and self.mode == "train":
             num_batches = self._resampled_worker_batches(worker)
             shards = resampled_shards(len(paths), self.cfg.seed, self.epoch, self.rank, worker)
             raw = itertools.chain.from_iterable(
-                _named(read_piece(paths[i], 0, sizes[i]), paths[i].name) for i in shards
+                _named(read_piece(paths[i], 0, sizes[i], opener), names[i]) for i in shards
             )
             raw = itertools.islice(raw, num_batches * self.cfg.batch_size)
         else:
             slot = self.plan().slot(self.rank, worker)
             num_batches = slot.num_batches
             raw = itertools.chain.from_iterable(
-                _named(read_piece(paths[p.shard], p.start, p.stop), paths[p.shard].name)
+                _named(read_piece(paths[p.shard], p.start, p.stop, opener), names[p.shard])
                 for p in slot.pieces
             )
         if self.mode == "train" and self.cfg.shuffle_buffer:

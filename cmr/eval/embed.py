@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from cmr.data.decode import BadSample, parse_text
+from cmr.data.remote import LOCAL, redact
+from cmr.data.source import ShardSet
 from cmr.data.tario import read_members
 from cmr.data.transforms import normalize
 
@@ -92,12 +94,12 @@ def compute_embeddings(model, loader, *, mean, std, device, accelerator=None) ->
     model.train(was_training)
     dim = images[0].shape[1] if images else 0
     caption_owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
-    split_dir = loader.dataset.shardset.split_dir
+    shardset = loader.dataset.shardset
     local = EmbeddingSet(
         image_emb=torch.cat(images) if images else torch.zeros(0, dim),
         caption_emb=torch.cat(caption_parts) if caption_parts else torch.zeros(0, dim),
         caption_owner=caption_owner,
-        caption_texts=texts_per_caption_row(split_dir, keys, caption_owner.tolist()),
+        caption_texts=texts_per_caption_row(shardset, keys, caption_owner.tolist()),
         ids=ids, keys=keys, labels=labels,
     )
     if accelerator is None or accelerator.num_processes == 1:
@@ -125,9 +127,14 @@ def _gather(local: EmbeddingSet, accelerator) -> EmbeddingSet:
     )
 
 
-def read_caption_texts(split_dir: str | Path, keys: list[str]) -> dict[str, list[str]]:
+def read_caption_texts(shards: ShardSet | str | Path, keys: list[str]) -> dict[str, list[str]]:
     """The captions of the samples ``keys`` ("<shard file>/<key>"), parsed as the loader parses
-    them (so they line up with its caption rows), reading only the shards' text members."""
+    them (so they line up with its caption rows), reading only the shards' text members.
+    ``shards``: the split's ``ShardSet`` (local or remote), or a local split directory."""
+    if isinstance(shards, ShardSet):
+        where, opener = dict(zip(shards.names, shards.paths)), shards.opener
+    else:
+        where, opener = {}, LOCAL
     wanted: dict[str, set[str]] = {}
     for key in keys:
         shard, _, sample = key.partition("/")
@@ -135,7 +142,8 @@ def read_caption_texts(split_dir: str | Path, keys: list[str]) -> dict[str, list
     found: dict[str, list[str]] = {}
     for shard, samples in wanted.items():
         groups: dict[str, dict] = {}
-        for sample, ext, data in read_members(Path(split_dir) / shard, ("json", "txt")):
+        location = where.get(shard) or Path(shards) / shard
+        for sample, ext, data in read_members(location, ("json", "txt"), opener):
             if sample in samples:
                 groups.setdefault(sample, {})[ext] = data
         for sample, group in groups.items():
@@ -146,12 +154,12 @@ def read_caption_texts(split_dir: str | Path, keys: list[str]) -> dict[str, list
     return found
 
 
-def texts_per_caption_row(split_dir: str | Path, keys: list[str],
+def texts_per_caption_row(shards: ShardSet | str | Path, keys: list[str],
                           caption_owner: list[int]) -> list[str]:
     """Per caption row, its stored text: the n-th row of an image is its n-th caption."""
     # Read back by key rather than carried through the loader: one pass over the text members
     # of the shards involved, instead of strings in every training batch.
-    stored = read_caption_texts(split_dir, keys)
+    stored = read_caption_texts(shards, keys)
     seen: Counter = Counter()
     texts = []
     for owner in caption_owner:
@@ -159,6 +167,6 @@ def texts_per_caption_row(split_dir: str | Path, keys: list[str],
         texts.append(captions[seen[owner]] if seen[owner] < len(captions) else "")
         seen[owner] += 1
     if not all(texts):  # only if a shard changed while it was being read
-        logger.warning("%s: %d caption texts could not be read back; shown empty",
-                       split_dir, sum(not t for t in texts))
+        where = redact(shards.split_dir) if isinstance(shards, ShardSet) else shards
+        logger.warning("%s: %d caption texts could not be read back; shown empty", where, sum(not t for t in texts))
     return texts

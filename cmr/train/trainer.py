@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 
 from cmr.config import save_config, to_dict
 from cmr.data.loader import build_loader, build_vocabulary
+from cmr.data.remote import redact_spec
 from cmr.data.source import DataError
 from cmr.data.vocab import Vocabulary
 from cmr.eval.run import evaluate_loader
@@ -103,7 +104,9 @@ class Trainer:
             mode = wandb_mode(self.cfg.train.logging)
             wandb_kwargs = {"dir": str(self.run_dir), "name": self.cfg.name, "mode": mode,
                             "id": self._wandb_run_id(), "resume": "allow"}
-            acc.init_trackers(self.cfg.train.logging.wandb_project, config=to_dict(self.cfg),
+            config = to_dict(self.cfg)
+            config["data"]["shards"] = redact_spec(config["data"]["shards"])  # no signed URL in wandb
+            acc.init_trackers(self.cfg.train.logging.wandb_project, config=config,
                               init_kwargs={"wandb": wandb_kwargs})
         acc.wait_for_everyone()
 

@@ -5,6 +5,7 @@ batches early would hang the run (and the test's timeout would catch it).
 """
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def main():
     record = {"rank": rank, "world": world, "epochs": {}}
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch)
-        ids, steps = [], 0
+        ids, steps, digest = [], 0, hashlib.sha256()
         for batch in loader:
+            digest.update(batch.images.numpy().tobytes())
+            digest.update(batch.captions.numpy().tobytes())
             total = torch.tensor([batch.num_samples], dtype=torch.long)
             total = accelerator.reduce(total, reduction="sum")  # a collective every step
             ids.extend(batch.ids)
@@ -49,7 +52,7 @@ def main():
             if args.stop_after is not None and epoch == args.epochs - 1 and steps == args.stop_after:
                 Path(f"{args.out}.state.rank{rank}.json").write_text(json.dumps(loader.state_dict()))
                 break
-        record["epochs"][epoch] = {"ids": ids, "steps": steps, "len": len(loader)}
+        record["epochs"][epoch] = {"ids": ids, "steps": steps, "len": len(loader), "sha256": digest.hexdigest()}
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
 

@@ -1,0 +1,344 @@
+"""Where shards live: local paths, http(s) URLs, object stores and ``pipe:`` commands.
+
+The transport is other people's: webdataset's ``gopen`` machinery opens files and ``pipe:``
+commands, and http(s) through ``curl`` (run by webdataset's ``Pipe``, without a shell);
+fsspec opens ``s3://``, ``gs://``, ``az://`` and the other object stores (s3fs/gcsfs/adlfs
+installed as extras; credentials from their usual environment). This module chooses
+between them, turns their failures into one-line errors with a reason, retries transient
+ones, and keeps credentials and query strings out of every message.
+
+A location is a ``Path``/local path string or a URL string. Shard lists are written as
+webdataset and open_clip users write them: brace patterns (``https://host/{00000..00331}.tar``),
+several patterns joined by ``::``, or a YAML list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+import braceexpand
+
+Location = str | Path
+
+# curl exit codes (man curl, EXIT CODES) that a retry may cure, and those it may not.
+_CURL_TRANSIENT = {5: "proxy unreachable", 6: "host not resolved", 7: "connection refused",
+                   18: "connection dropped mid-file", 28: "timed out", 35: "TLS handshake failed",
+                   52: "empty reply", 55: "send failed", 56: "connection reset"}
+_HTTP_STATUS = re.compile(r"error: (\d{3})")
+
+
+class RemoteError(OSError):
+    """A shard or manifest could not be read. ``reason`` is the count's name, ``transient``
+    whether trying again may help; the message never holds a secret."""
+
+    def __init__(self, message: str, reason: str, transient: bool):
+        super().__init__(message)
+        self.reason = reason
+        self.transient = transient
+
+
+class PipeNotAllowed(ValueError):
+    """A ``pipe:`` location without ``data.allow_pipe: true``."""
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(location: Location) -> bool:
+    return isinstance(location, str) and (bool(_SCHEME.match(location)) or location.startswith("pipe:"))
+
+
+def is_remote(location: Location) -> bool:
+    """True for anything not on a local file system (``file://`` counts as local)."""
+    return is_url(location) and not str(location).startswith("file:")
+
+
+def local_path(location: Location) -> Path:
+    text = str(location)
+    return Path(re.sub(r"^file://", "", text)) if text.startswith("file:") else Path(text)
+
+
+def redact(location: Location) -> str:
+    """``location`` fit for a log line: no user:password, no query string, no pipe command
+    beyond its program name."""
+    text = str(location)
+    if text.startswith("pipe:"):
+        program = text[5:].strip().split(" ", 1)[0]
+        return f"pipe:{program} …"
+    if not is_url(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+def redact_text(text: str, locations: list[Location]) -> str:
+    """``text`` with every one of ``locations`` (and its query string) replaced by its redaction."""
+    for location in sorted({str(x) for x in locations}, key=len, reverse=True):
+        if is_url(location) and location != redact(location):
+            text = text.replace(location, redact(location))
+            query = urlsplit(location).query
+            if query:
+                text = text.replace(query, "…")
+    return text
+
+
+def redact_spec(spec):
+    """A ``data.shards`` value (string, list or mapping) with every location redacted."""
+    if isinstance(spec, dict):
+        return {k: redact_spec(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [redact(x) for x in spec]
+    return "::".join(redact(x) for x in str(spec).split("::"))
+
+
+def expand(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Shard locations of a brace pattern, a ``::``-joined list of patterns or a list."""
+    patterns = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    out: list[str] = []
+    for pattern in patterns:
+        out.extend(braceexpand.braceexpand(pattern.strip()))
+    return out
+
+
+def is_pattern(spec: str | list[str] | tuple[str, ...]) -> bool:
+    """A shard list (rather than a dataset root whose split folders hold manifests)."""
+    if isinstance(spec, (list, tuple)):
+        return True
+    spec = str(spec)
+    path = urlsplit(spec).path if is_url(spec) else spec
+    return "{" in spec or "::" in spec or path.endswith(".tar")
+
+
+def join(base: Location, name: str) -> Location:
+    """``base/name`` for a directory or a URL prefix (a query string stays at the end)."""
+    if not is_url(base):
+        return Path(base) / name
+    parts = urlsplit(str(base))
+    path = parts.path.rstrip("/") + "/" + name
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def basename(location: Location) -> str:
+    """The file name of a location, without directory or query string."""
+    if isinstance(location, Path) or not is_url(location):
+        return Path(location).name
+    return urlsplit(str(location)).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def sibling(location: Location, name: str) -> Location:
+    """The location of ``name`` in the same directory as ``location``."""
+    if not is_url(location):
+        return Path(location).with_name(name)
+    parts = urlsplit(str(location))
+    path = parts.path.rsplit("/", 1)[0] + "/" + name
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Opener:
+    """How to open a location: which transports are allowed, how long to wait, how often to
+    retry. Picklable, so DataLoader workers carry it."""
+
+    allow_pipe: bool = False
+    max_retries: int = 3  # further attempts after a transient failure (reset, timeout, 5xx)
+    retry_backoff_s: float = 1.0  # doubles with every attempt
+    timeout_s: float = 60.0  # to connect, and the longest a transfer may stall
+
+    def open(self, location: Location) -> BinaryIO:
+        """A readable binary stream; errors are ``RemoteError`` (or ``FileNotFoundError``)."""
+        text = str(location)
+        if not is_remote(location):
+            return open(local_path(location), "rb")
+        if text.startswith("pipe:"):
+            if not self.allow_pipe:
+                raise PipeNotAllowed(f"{redact(text)} runs a shell command; set data.allow_pipe: true to allow it")
+            from webdataset.gopen import gopen
+            return gopen(text, "rb")
+        scheme = urlsplit(text).scheme
+        if scheme in ("http", "https"):
+            return _CurlStream(text, self.timeout_s)
+        return _open_fsspec(text)
+
+    def read_bytes(self, location: Location) -> bytes:
+        """The whole of a small object (a manifest, a stats file), with retries."""
+        return self.retry(lambda: _read_all(self.open(location)), location)
+
+    def retry(self, call, location: Location):
+        """``call()``, tried again after transient failures with exponential backoff."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return call()
+            except RemoteError as err:
+                if not err.transient or attempt == self.max_retries:
+                    raise
+                time.sleep(self.backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def stamp(self, location: Location) -> str:
+        """What identifies this version of a remote object (size, ETag, mtime), "" if unknown."""
+        text = str(location)
+        scheme = urlsplit(text).scheme
+        try:
+            if scheme in ("http", "https"):
+                return self.retry(lambda: _http_stamp(text, self.timeout_s), location)
+            if text.startswith("pipe:") or not is_remote(text):
+                return ""
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(text)
+            info = fs.info(path)
+        except (RemoteError, OSError, ValueError, ImportError):
+            return ""
+        fields = {k: info.get(k) for k in ("size", "ETag", "etag", "LastModified", "mtime", "generation")}
+        return ";".join(f"{k}={v}" for k, v in fields.items() if v not in (None, ""))
+
+    def backoff(self, attempt: int) -> float:
+        return self.retry_backoff_s * 2**attempt
+
+
+LOCAL = Opener()
+
+
+def _http_stamp(url: str, timeout_s: float) -> str:
+    """Content-Length, ETag and Last-Modified of a HEAD request, through curl."""
+    seconds = str(max(1, int(round(timeout_s))))
+    result = subprocess.run(["curl", "--silent", "--show-error", "--fail", "--location", "--head",
+                             "--connect-timeout", seconds, "--max-time", seconds, url],
+                            capture_output=True, timeout=timeout_s + 10)
+    if result.returncode != 0:
+        transient = result.returncode in _CURL_TRANSIENT
+        raise RemoteError(f"{redact(url)}: HEAD failed (curl exit {result.returncode})", "unreachable_shard",
+                          transient=transient)
+    # After redirects curl prints every response's headers; the last block is the object's.
+    block = result.stdout.decode(errors="replace").strip().split("\r\n\r\n")[-1]
+    headers = {}
+    for line in block.splitlines():
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    fields = [f"{k}={headers[k]}" for k in ("content-length", "etag", "last-modified") if headers.get(k)]
+    return ";".join(fields) if ("etag" in headers or "last-modified" in headers) else ""
+
+
+def _read_all(stream: BinaryIO) -> bytes:
+    try:
+        return stream.read()
+    finally:
+        close_quietly(stream)
+
+
+def close_quietly(stream) -> None:
+    """Close a stream whose transfer may have failed; its error was reported already."""
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - a failed transfer's close repeats its failure
+        pass
+
+
+class _CurlStream(io.RawIOBase):
+    """``curl`` writing one URL to our pipe, through webdataset's ``Pipe`` (no shell, so a
+    URL is never parsed by one). curl's own retries are off: ours know where the stream
+    was. A failed transfer raises ``RemoteError`` on the read that meets it."""
+
+    def __init__(self, url: str, timeout_s: float):
+        from webdataset.gopen import Pipe
+
+        self.url = url
+        seconds = str(max(1, int(round(timeout_s))))
+        args = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", seconds,
+                "--speed-limit", "1", "--speed-time", seconds, url]
+        # Pipe checks curl's status after every read and raises on a non-zero exit.
+        self.pipe = Pipe(args, mode="rb", stderr=subprocess.PIPE, ignore_status=[141, 23],
+                         timeout=timeout_s + 10)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self.pipe.read(len(buffer))
+        except OSError:
+            raise self._error() from None
+        buffer[: len(data)] = data
+        if not data:
+            self._check_exit()
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.pipe.read(size) if size is not None and size >= 0 else self.pipe.stream.read()
+        except OSError:
+            raise self._error() from None
+        if not data or size is None or size < 0:
+            self._check_exit()
+        return data
+
+    def _check_exit(self) -> None:
+        # End of output: a transfer cut short ends the stream too; only curl's status tells.
+        status = self.pipe.proc.wait(timeout=self.pipe.timeout)
+        if status not in (0, 141, 23):
+            raise self._error()
+
+    def _error(self) -> RemoteError:
+        status = self.pipe.proc.wait(timeout=self.pipe.timeout)
+        stderr = self.pipe.proc.stderr.read().decode(errors="replace") if self.pipe.proc.stderr else ""
+        where = redact(self.url)
+        if status == 22:  # --fail: HTTP answered >= 400
+            match = _HTTP_STATUS.search(stderr)
+            code = int(match.group(1)) if match else 0
+            if code in (404, 410):
+                return RemoteError(f"{where}: not found (HTTP {code})", "missing_shard", transient=False)
+            if code in (401, 403):
+                return RemoteError(f"{where}: access denied (HTTP {code}); check the credentials",
+                                   "unreachable_shard", transient=False)
+            transient = code >= 500 or code in (408, 429) or code == 0
+            return RemoteError(f"{where}: HTTP {code or 'error'}", "unreachable_shard", transient=transient)
+        meaning = _CURL_TRANSIENT.get(status)
+        if meaning:
+            return RemoteError(f"{where}: {meaning} (curl exit {status})", "unreachable_shard", transient=True)
+        return RemoteError(f"{where}: curl exit {status}", "unreachable_shard", transient=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            proc = self.pipe.proc
+            if proc.poll() is None:
+                proc.kill()  # abandoned mid-transfer (a piece that ends before the shard does)
+            self.pipe.stream.close()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+        super().close()
+
+
+def _open_fsspec(url: str) -> BinaryIO:
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec comes with the project's dependencies
+        raise RemoteError(f"{redact(url)}: reading it needs fsspec", "unreachable_shard", transient=False) from None
+    scheme = urlsplit(url).scheme
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as err:
+        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme, "")
+        hint = f"; pip install {package} (or cmr[{scheme}])" if package else ""
+        raise RemoteError(f"{redact(url)}: no file system for {scheme}://{hint} ({err.msg.splitlines()[0]})",
+                          "unreachable_shard", transient=False) from None
+    except ValueError as err:  # fsspec: unknown protocol
+        raise RemoteError(f"{redact(url)}: {err}", "unreachable_shard", transient=False) from None
+    except FileNotFoundError:
+        raise RemoteError(f"{redact(url)}: not found", "missing_shard", transient=False) from None
+    except PermissionError:
+        raise RemoteError(f"{redact(url)}: access denied; check the credentials", "unreachable_shard",
+                          transient=False) from None
+    except OSError as err:
+        raise RemoteError(f"{redact(url)}: {redact_text(str(err), [url])}", "unreachable_shard",
+                          transient=True) from None

@@ -1,0 +1,316 @@
+"""Shards from anywhere: http(s), S3 (moto's server), brace patterns and pipe:, read by the
+same loader as a local directory, with faults on the wire that lose nothing and shift nothing.
+
+Every server is real and listens on 127.0.0.1 only (tests/servers.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from cmr.config import ConfigError, from_dict
+from cmr.data.loader import build_loader, build_vocabulary
+from cmr.data.pipeline import DataConfig
+from cmr.data.remote import Opener, expand, is_pattern, join, redact, redact_spec
+from cmr.data.source import DataError, open_split
+from cmr.data.tario import TarMembers, count_tar_samples
+from tests.servers import ShardServer, s3_env, s3_server, upload_dir
+from tests.tiny_data import add_member, image_bytes, write_split
+
+NUM_TRAIN, SHARD = 45, 6
+
+
+def make_cfg(shards, **overrides):
+    base = {"shards": shards, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "image": {"size": 16},
+            "retry_backoff_s": 0.05, "io_timeout_s": 5}
+    base.update(overrides)
+    return from_dict(DataConfig, base)
+
+
+def epoch_batches(cfg, vocab, epoch, *, rank=0, world=1, split="train", mode="train"):
+    loader = build_loader(cfg, vocab, split=split, mode=mode, rank=rank, world_size=world)
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys == b.keys
+        assert torch.equal(a.images, b.images) and torch.equal(a.captions, b.captions)
+        assert a.skipped == b.skipped
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    write_split(root, "train", NUM_TRAIN, shard_size=SHARD)
+    write_split(root, "val", 11, shard_size=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(dataset):
+    """The reference: the same shards read from the local directory."""
+    cfg = make_cfg(str(dataset), num_workers=2)
+    vocab = build_vocabulary(cfg)
+    return cfg, vocab
+
+
+@pytest.fixture()
+def server(dataset):
+    with ShardServer(dataset) as running:
+        yield running
+
+
+# -- locations -----------------------------------------------------------------------------
+
+
+def test_locations_are_redacted_expanded_and_joined():
+    assert redact("https://me:secret@host:8443/d/x.tar?X-Amz-Signature=abc") == "https://host:8443/d/x.tar?…"
+    assert redact("pipe:aws s3 cp s3://b/x.tar -") == "pipe:aws …"
+    assert redact("/data/coco") == "/data/coco"
+    assert redact_spec({"train": ["s3://b/a.tar?sig=1"], "val": "https://u:p@h/{0..1}.tar"}) == \
+        {"train": ["s3://b/a.tar?…"], "val": "https://h/{0..1}.tar"}
+    assert expand("https://h/cc3m/{00000..00002}.tar::s3://b/x.tar") == [
+        "https://h/cc3m/00000.tar", "https://h/cc3m/00001.tar", "https://h/cc3m/00002.tar", "s3://b/x.tar"]
+    assert is_pattern("s3://b/laion/{000000..041455}.tar") and is_pattern(["a.tar"])
+    assert is_pattern("https://h/one.tar") and not is_pattern("https://h/data/coco")
+    assert join("https://h/data?token=t", "train") == "https://h/data/train?token=t"
+
+
+def test_pipe_needs_allow_pipe_and_the_error_names_the_field():
+    with pytest.raises(ConfigError, match=r"^allow_pipe: pipe:cat … runs a shell command"):
+        make_cfg("pipe:cat /x/shard-{0..3}.tar")
+    with pytest.raises(DataError, match="data.allow_pipe"):
+        open_split("pipe:cat /x/a.tar", "train")
+
+
+def test_a_bad_url_is_one_line_not_a_traceback(server):
+    cfg = make_cfg(f"{server.url}/nothing-here")
+    with pytest.raises(DataError) as err:
+        build_vocabulary(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "manifest.json" in message and "brace pattern" in message
+    with pytest.raises(DataError, match="no such host|cannot read|host not resolved|refused"):
+        build_vocabulary(make_cfg("http://127.0.0.1:9/data", max_retries=0))
+
+
+# -- http(s) -------------------------------------------------------------------------------
+
+
+def test_http_gives_the_same_batches_as_the_local_directory(local, server):
+    local_cfg, vocab = local
+    cfg = make_cfg(server.url, num_workers=2)
+    assert build_vocabulary(cfg).itos == vocab.itos
+    for epoch in range(2):
+        seen = Counter()
+        for rank in range(2):
+            got = epoch_batches(cfg, vocab, epoch, rank=rank, world=2)
+            assert_same(got, epoch_batches(local_cfg, vocab, epoch, rank=rank, world=2))
+            seen.update(k for b in got for k, m in zip(b.keys, b.mask.tolist()) if m)
+        assert max(seen.values()) == 1 and len(seen) == NUM_TRAIN - NUM_TRAIN % 8
+    got = epoch_batches(cfg, vocab, 0, split="val", mode="eval")
+    assert_same(got, epoch_batches(local_cfg, vocab, 0, split="val", mode="eval"))
+
+
+def test_a_mid_epoch_resume_over_http_gives_exactly_the_rest(local, server):
+    local_cfg, vocab = local
+    cfg = make_cfg(server.url, num_workers=2)
+    full = epoch_batches(local_cfg, vocab, 1)
+    first = build_loader(cfg, vocab, split="train", mode="train")
+    first.set_epoch(1)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == 3:
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = build_loader(cfg, vocab, split="train", mode="train")
+    resumed.load_state_dict(state)
+    assert_same(head + list(resumed), full)
+
+
+def test_faults_on_the_wire_lose_nothing_and_shift_nothing(local, server):
+    """Connections cut mid-tar, a stall, 503s and a server restart: retried, resumed at the
+    sample the stream was at, and the epoch equals the local one bit for bit."""
+    local_cfg, vocab = local
+    drops = [server.faults.drop_after(3000, path="train/shard-000001.tar", times=2),
+             server.faults.drop_after(9000, path="train/shard-000004.tar", reset=True)]
+    stall = server.faults.stall(3.0, after_bytes=2000, path="train/shard-000002.tar")
+    unavailable = server.faults.status(503, path="train/*.tar", p=0.3, seed=1)
+    cfg = make_cfg(server.url, num_workers=2, max_retries=8, io_timeout_s=1)
+    got = epoch_batches(cfg, vocab, 0)
+    assert_same(got, epoch_batches(local_cfg, vocab, 0))
+    assert [d.applied for d in drops] == [2, 1] and stall.applied == 1 and unavailable.applied > 0
+
+
+def test_a_server_restart_mid_shard_is_survived(tmp_path):
+    """The server goes away mid-transfer and comes back: the shard is reopened and continues
+    after the last member delivered."""
+    with tarfile.open(tmp_path / "big.tar", "w") as tar:
+        for i in range(20):
+            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(256, 256)))
+            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
+    with tarfile.open(tmp_path / "big.tar") as tar:
+        names = [m.name for m in tar]
+    with ShardServer(tmp_path) as server:
+        # Socket buffers on loopback hold megabytes: hold the rest back so that stop() cuts it.
+        server.faults.stall(60, after_bytes=1_000_000, path="big.tar")
+        members = TarMembers(f"{server.url}/big.tar", Opener(retry_backoff_s=0.5, max_retries=5))
+        stream = iter(members)
+        first = [next(stream) for _ in range(3)]
+        server.stop()  # cuts the transfer; the next attempts are refused until it is back
+        server.start()
+        rest = list(stream)
+        assert [m for m, p in server.requests if p == "/big.tar"] == ["GET", "GET"]
+    assert [f"{k}.{e}" for k, e, _ in first + rest] == names
+    assert members.failure is None and members.retries == 1
+
+
+def test_a_shard_that_never_answers_is_counted_not_fatal(local, server):
+    local_cfg, vocab = local
+    server.faults.status(503, path="train/shard-000002.tar", times=None)
+    cfg = make_cfg(server.url, num_workers=2, max_retries=2, max_bad_fraction=1.0)
+    got = epoch_batches(cfg, vocab, 0)
+    want = epoch_batches(local_cfg, vocab, 0)
+    skipped = sum((Counter(b.skipped) for b in got), Counter())
+    assert skipped == Counter(unreachable_shard=SHARD), skipped
+    lost = {f"shard-000002.tar/{i:08d}" for i in range(2 * SHARD, 3 * SHARD)}
+    assert [k for b in got for k in b.keys if k not in lost] == [k for b in want for k in b.keys if k not in lost]
+
+
+def test_too_many_unreachable_samples_stop_the_run_with_the_numbers(local, server):
+    local_cfg, vocab = local
+    server.faults.status(503, path="train/shard-00000[0-3].tar", times=None)
+    cfg = make_cfg(server.url, max_retries=0, max_bad_fraction=0.1, min_samples_for_bad_check=8)
+    with pytest.raises(DataError, match=r"unreachable_shard=\d+.*data.max_bad_fraction=0.1"):
+        epoch_batches(cfg, vocab, 0)
+
+
+def test_brace_patterns_without_a_manifest_count_once_and_cache(tmp_path, local, monkeypatch):
+    """img2dataset-style tars behind a plain web server: counted by one pass the first time,
+    from the local cache afterwards (keyed by URL, size and ETag: a changed shard is recounted)."""
+    local_cfg, vocab = local
+    monkeypatch.setenv("CMR_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    shutil.copytree(local_cfg.shards + "/train", served)
+    (served / "manifest.json").unlink()
+    with ShardServer(served) as server:
+        pattern = f"{server.url}/shard-{{000000..000007}}.tar"
+        first = open_split(pattern, "train", Opener())
+        assert first.sizes == (6, 6, 6, 6, 6, 6, 6, 3)
+        gets = [p for m, p in server.requests if m == "GET"]
+        again = open_split(pattern, "train", Opener())
+        assert again.sizes == first.sizes
+        new_gets = [p for m, p in server.requests if m == "GET"][len(gets):]
+        assert [p for p in new_gets if p.endswith(".tar")] == ["/shard-000000.tar"]  # the modality probe
+        with tarfile.open(served / "shard-000007.tar", "a") as tar:
+            add_member(tar, "99999999.png", image_bytes(99))
+            add_member(tar, "99999999.json", json.dumps({"captions": ["one more"]}).encode())
+        assert open_split(pattern, "train", Opener()).sizes[-1] == 4
+        cfg = make_cfg({"train": pattern, "val": local_cfg.shards + "/val"})
+        assert [k for b in epoch_batches(cfg, vocab, 0) for k in b.keys][:4]
+
+
+def test_img2dataset_stats_files_count_without_reading_a_tar(tmp_path):
+    for s in range(3):
+        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * 5, s * 5 + 5):
+                add_member(tar, f"{i:09d}.jpg", image_bytes(i, fmt="JPEG"))
+                add_member(tar, f"{i:09d}.txt", f"a photo of thing {i}".encode())
+        (tmp_path / f"{s:05d}_stats.json").write_text(json.dumps({"successes": 5, "count": 7}))
+    with ShardServer(tmp_path) as server:
+        shardset = open_split(f"{server.url}/{{00000..00002}}.tar", "train", Opener())
+        assert shardset.sizes == (5, 5, 5)
+        tars_read = [p for m, p in server.requests if m == "GET" and p.endswith(".tar")]
+        assert tars_read == ["/00000.tar"]  # the modality of the first sample only
+
+
+def test_pipe_commands_read_shards_when_allowed(local):
+    local_cfg, vocab = local
+    pattern = f"pipe:cat {local_cfg.shards}/train/shard-{{000000..000007}}.tar"
+    cfg = make_cfg({"train": pattern}, allow_pipe=True)
+    assert_same(epoch_batches(cfg, vocab, 0), epoch_batches(make_cfg(local_cfg.shards), vocab, 0))
+    assert count_tar_samples(f"pipe:cat {local_cfg.shards}/train/shard-000007.tar", Opener(allow_pipe=True)) == 3
+
+
+# -- object stores -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(dataset):
+    with s3_server() as endpoint:
+        upload_dir(endpoint, "bucket", dataset, prefix="tiny")
+        yield endpoint
+
+
+def test_s3_reads_the_same_batches_as_local(local, s3, monkeypatch):
+    local_cfg, vocab = local
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    cfg = make_cfg("s3://bucket/tiny", num_workers=2)
+    assert build_vocabulary(cfg).itos == vocab.itos
+    assert_same(epoch_batches(cfg, vocab, 0, rank=1, world=2), epoch_batches(local_cfg, vocab, 0, rank=1, world=2))
+
+
+def test_s3_lists_manifest_less_shards_and_reads_stats(tmp_path, s3, monkeypatch):
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * 4, s * 4 + 4):
+                add_member(tar, f"{i:09d}.jpg", image_bytes(i, fmt="JPEG"))
+                add_member(tar, f"{i:09d}.txt", f"thing {i}".encode())
+        (tmp_path / f"{s:05d}_stats.json").write_text(json.dumps({"successes": 4}))
+    upload_dir(s3, "bucket", tmp_path, prefix="laion")
+    shardset = open_split("s3://bucket/laion", ".", Opener())
+    assert [str(p) for p in shardset.paths] == ["s3://bucket/laion/00000.tar", "s3://bucket/laion/00001.tar"]
+    assert shardset.sizes == (4, 4)
+    cfg = make_cfg("s3://bucket/laion", train_split=".", batch_size=2)
+    vocab = build_vocabulary(cfg)
+    assert len({k for b in epoch_batches(cfg, vocab, 0, split=".") for k in b.keys}) == 8
+
+
+# -- the shards CLI on remote datasets -----------------------------------------------------
+
+
+def test_inspect_and_validate_read_a_dataset_over_http(dataset, capsys):
+    from shards.__main__ import main
+
+    with ShardServer(dataset) as server:
+        capsys.readouterr()
+        assert main(["inspect", server.url]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["samples"] == NUM_TRAIN + 11 and set(summary["splits"]) == {"train", "val"}
+        assert main(["validate", server.url, "--decode"]) == 0
+        ok = f"ok: {NUM_TRAIN + 11} samples in 2 splits (train, val), all decoded"
+        assert capsys.readouterr().out.strip().endswith(ok)
+        assert main(["build", "emoji", "--out", f"{server.url}/new"]) == 2
+    assert "builders write to a local directory" in capsys.readouterr().err
+
+
+def test_validate_over_http_names_each_problem(dataset, tmp_path, capsys):
+    from shards.__main__ import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    with open(copy / "train" / "shard-000003.tar", "r+b") as f:
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (copy / "val" / "shard-000001.tar").unlink()
+    with ShardServer(copy) as server:
+        server.faults.drop_after(1000, path="train/shard-000005.tar")  # transient: retried
+        capsys.readouterr()
+        assert main(["validate", server.url]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:-1] == ["train/shard-000003.tar: sha256 does not match the manifest (file changed)",
+                        f"val/shard-000001.tar: missing ({server.url}/val/shard-000001.tar: not found (HTTP 404))"]
+    assert out[-1].startswith("FAILED: 2 problem(s)")
