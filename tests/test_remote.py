@@ -314,3 +314,18 @@ def test_validate_over_http_names_each_problem(dataset, tmp_path, capsys):
     assert out[:-1] == ["train/shard-000003.tar: sha256 does not match the manifest (file changed)",
                         f"val/shard-000001.tar: missing ({server.url}/val/shard-000001.tar: not found (HTTP 404))"]
     assert out[-1].startswith("FAILED: 2 problem(s)")
+
+
+def test_no_secret_reaches_a_log_line_or_an_error(local, server, caplog):
+    local_cfg, vocab = local
+    secret = "X-Amz-Signature=0123secret"
+    pattern = f"http://user:hunter2@127.0.0.1:{server.port}/train/shard-{{000000..000007}}.tar?{secret}"
+    server.faults.status(503, path="train/shard-000001.tar", times=None)
+    server.faults.drop_after(2000, path="train/shard-000002.tar")
+    cfg = make_cfg({"train": pattern}, num_workers=0, max_retries=1, max_bad_fraction=0.05,
+                   min_samples_for_bad_check=4, shard_sizes=[6] * 7 + [3])
+    with caplog.at_level("WARNING"), pytest.raises(DataError) as err:
+        epoch_batches(cfg, vocab, 0)
+    shown = caplog.text + str(err.value)
+    assert "unreachable_shard" in shown and "shard-000001.tar?…" in shown  # the lines are there,
+    assert "0123secret" not in shown and "hunter2" not in shown  # without the secrets

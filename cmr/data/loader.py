@@ -103,8 +103,7 @@ class StreamingLoader:
             reasons = ", ".join(f"{k}={v}" for k, v in self.skip_counts.most_common())
             raise DataError(
                 f"{num_bad} of {self.num_seen} samples were unusable ({reasons}), more than "
-                f"data.max_bad_fraction={self.cfg.max_bad_fraction}; check the shards with "
-                f"`python -m shards validate {_validate_target(self.dataset.shardset)}`"
+                f"data.max_bad_fraction={self.cfg.max_bad_fraction}; {_check_hint(self.dataset.shardset)}"
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -179,11 +178,16 @@ class _Lane:
         return iter(self.loader)
 
 
-def _validate_target(shardset: ShardSet) -> str:
+def _check_hint(shardset: ShardSet) -> str:
+    """How to look into the shards: validate, where there is a manifest to check them by."""
+    if shardset.manifest is None:
+        return "the shards have no manifest to validate them against; look into them with `tar -tvf`"
     split_dir = shardset.split_dir
     if shardset.is_remote:
-        return redact(split_dir)
-    return str(Path(split_dir).parent if shardset.manifest is not None else split_dir)
+        dataset = redact(str(split_dir).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0])
+    else:
+        dataset = str(Path(split_dir).parent)
+    return f"check the shards with `python -m shards validate {dataset}`"
 
 
 def collect_captions(shardset: ShardSet) -> list[str]:
