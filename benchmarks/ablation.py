@@ -1,6 +1,7 @@
 """Ablation: does Look, Imagine and Match help? Five variants on pretrained features, paired seeds.
 
     python benchmarks/ablation.py [--datasets emoji flickr8k] [--seeds 0 1 2 3 4] [--out runs/ablation]
+    python benchmarks/ablation.py --report-only   # tabulate what has finished, train nothing
 
 Variants (each adds one part to the one above, except E):
 
@@ -255,17 +256,36 @@ def machine_line() -> str:
             f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}")
 
 
+def finished_results(args: argparse.Namespace, out: Path) -> list[dict]:
+    """The results already written, for the seeds that every variant has finished."""
+    results = []
+    for name in args.datasets:
+        for seed in args.seeds:
+            runs = []
+            for variant in args.variants:
+                path = out / name / f"{variant}-seed{seed}" / "ablation.json"
+                result = json.loads(path.read_text()) if path.is_file() else None
+                if result is None or result["stages"] != stages_of(variant, DATASETS[name]):
+                    break
+                runs.append(result)
+            else:
+                results += runs
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(DESCRIPTIONS), choices=list(DESCRIPTIONS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the seeds whose every variant has finished")
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    results = []
+    results = finished_results(args, out) if args.report_only else []
     try:
-        for name in args.datasets:
+        for name in [] if args.report_only else args.datasets:
             dataset = DATASETS[name]
             ensure_features(name, dataset, out)
             for seed in args.seeds:
@@ -274,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     except AblationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if not results:
+        print(f"error: no finished seed under {out}", file=sys.stderr)
+        return 1
     text = "\n".join([f"Machine: {machine_line()}", "", *table(results)]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
     print(text + f"\nwrote {out / 'ablation.md'}")
     return 0
