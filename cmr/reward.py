@@ -28,6 +28,7 @@ import numpy as np
 
 from cmr.bleu import BleuBatch, check_smoothing, score_batch
 from cmr.config import ConfigError
+from cmr.procs import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ class RewardPool:
         """Start all workers now (a ready check per worker), so the first batch and the
         pids are not left to lazy spawning."""
         context = multiprocessing.get_context(self.cfg.start_method)
-        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context)
+        # die_with_parent: a worker whose rank was killed ends too, not blocks on its queue.
+        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context, initializer=worker_init)
         ready = [executor.submit(_worker_ready) for _ in range(self.cfg.num_workers)]
         _, pending = wait(ready, timeout=self.cfg.start_timeout_s)
         failed = pending or any(f.exception() is not None for f in ready)

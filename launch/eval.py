@@ -20,10 +20,12 @@ from cmr.data.loader import build_loader
 from cmr.data.source import DataError
 from cmr.eval.load import load_run_model
 from cmr.eval.run import evaluate_loader, format_table, with_shards
+from cmr.procs import end_with_launcher
 from cmr.train.checkpoint import CheckpointError
 
 
 def main() -> int:
+    end_with_launcher()  # a rank must not outlive `accelerate launch`
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--checkpoint", default="latest", help="latest, best, step-N or a path")

@@ -15,6 +15,7 @@ import sys
 
 from cmr.config import ConfigError, from_dict
 from cmr.extract import ExtractConfig, ExtractError, run_extraction
+from cmr.procs import end_with_launcher
 
 
 def parse_args(argv=None) -> tuple[ExtractConfig, bool]:
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> tuple[ExtractConfig, bool]:
 
 
 def main(argv=None) -> int:
+    end_with_launcher()  # a rank must not outlive `accelerate launch`
     try:
         cfg, progress = parse_args(argv)
         summary = run_extraction(cfg, progress=progress)

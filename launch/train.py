@@ -11,11 +11,14 @@ from pathlib import Path
 from cmr.config import ConfigError, add_config_arguments, config_from_args
 from cmr.data.source import DataError
 from cmr.experiment import ExperimentConfig
+from cmr.procs import end_with_launcher
+from cmr.run_lock import RunDirBusy
 from cmr.train.checkpoint import CheckpointError
 from cmr.train.trainer import Trainer, TrainingError
 
 
 def main() -> int:
+    end_with_launcher()  # a rank must not outlive `accelerate launch`
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>")
@@ -25,10 +28,10 @@ def main() -> int:
     try:
         trainer = Trainer(cfg, args.run_dir or Path("runs") / cfg.name, resume=args.resume)
         outcome = trainer.train()
-    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+    except (ConfigError, DataError, CheckpointError, RunDirBusy, TrainingError) as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{kind}: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ConfigError, DataError, CheckpointError)) else 1
+        return 2 if isinstance(err, (ConfigError, DataError, CheckpointError, RunDirBusy)) else 1
     trainer.accelerator.print(f"training {outcome} at step {trainer.global_step}")
     return 0
 

@@ -20,6 +20,7 @@ from cmr.data.source import DataError, ShardSet, describe
 from cmr.data.tario import read_members
 from cmr.data.vocab import Vocabulary
 from cmr.glove import load_glove_words
+from cmr.procs import worker_init
 
 
 class StreamingLoader:
@@ -73,7 +74,7 @@ class StreamingLoader:
             self.windows_done = [0] * self.dataset.num_loader_workers  # every pass is whole
         if self.batches_done == 0 and self.dataset.mode == "train" and not self.cfg.resampled:
             self.num_dropped += self.dataset.plan(self.epoch).num_dropped
-        for batch in self._start_epoch():
+        for batch in _named_worker_failures(self._start_epoch(), self.cfg):
             self.windows_done[batch.worker] = batch.window + 1
             self.num_seen += batch.num_samples + sum(batch.skipped.values())
             self.skip_counts.update(batch.skipped)
@@ -165,6 +166,9 @@ class _Lane:
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=cfg.num_workers > 0,
+            multiprocessing_context=cfg.worker_start_method if cfg.num_workers else None,
+            worker_init_fn=worker_init if cfg.num_workers else None,  # workers end with their rank
+            timeout=cfg.worker_timeout_s if cfg.num_workers else 0,
             # Workers draw their base seed from this, not from the global torch RNG, so
             # starting an epoch (or resuming) leaves the trainer's random stream untouched.
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -176,6 +180,28 @@ class _Lane:
         self.dataset.skip_windows = dict(enumerate(windows_done))
         self.dataset.worker_offset = sum(windows_done) % self.dataset.num_loader_workers
         return iter(self.loader)
+
+
+def _named_worker_failures(batches: Iterator[Batch], cfg: DataConfig) -> Iterator[Batch]:
+    """A worker that sends nothing for ``worker_timeout_s`` becomes a DataError that names
+    the workers and whether they are alive, not an endless wait."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "timed out" not in str(err):
+                raise
+            workers = getattr(iterator, "_workers", None) or []
+            states = ", ".join(f"pid {w.pid} {'alive' if w.is_alive() else 'gone'}" for w in workers)
+            raise DataError(
+                f"no batch from the data workers in {cfg.worker_timeout_s:g} s (data.worker_timeout_s)"
+                + (f"; workers: {states}" if states else "") + "; a slow remote store needs a larger "
+                "data.worker_timeout_s, a stuck one data.io_timeout_s"
+            ) from None
+        yield batch
 
 
 def _check_hint(shardset: ShardSet) -> str:

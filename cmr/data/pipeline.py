@@ -49,6 +49,10 @@ class DataConfig:
     batch_size: int = 64  # per rank (and per micro-batch under gradient accumulation)
     num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the main process
     prefetch_factor: int = 2
+    # How workers start. Never "fork": a rank runs threads (gloo, wandb, queue feeders), and a
+    # child forked while one of them holds the interpreter's lock hangs inside os.fork().
+    worker_start_method: Literal["spawn", "forkserver"] = "spawn"
+    worker_timeout_s: float = 600.0  # longest wait for a worker's next batch; 0 = no limit
     # Training: start the next epoch's workers (a second set) while this epoch runs, so an
     # epoch does not begin with an empty shuffle buffer and no decoded batch.
     prefetch_next_epoch: bool = True
@@ -88,6 +92,10 @@ class DataConfig:
             raise ConfigError("samples_per_epoch", f"must be >= 1, got {self.samples_per_epoch}")
         if self.max_retries < 0:
             raise ConfigError("max_retries", f"must be >= 0, got {self.max_retries}")
+        if self.worker_start_method not in ("spawn", "forkserver"):
+            raise ConfigError("worker_start_method", f"must be spawn or forkserver, got {self.worker_start_method!r}")
+        if self.worker_timeout_s < 0:
+            raise ConfigError("worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         for name in ("retry_backoff_s", "io_timeout_s"):
             if getattr(self, name) < 0 or (name == "io_timeout_s" and self.io_timeout_s == 0):
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")

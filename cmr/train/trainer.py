@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from cmr.config import save_config, to_dict
 from cmr.data.loader import build_loader, build_vocabulary
@@ -25,12 +27,19 @@ from cmr.data.vocab import Vocabulary
 from cmr.eval.run import evaluate_loader
 from cmr.models.lim import build_model
 from cmr.reward import RewardPool
-from cmr.train.checkpoint import Checkpointer
+from cmr.run_lock import RunDirBusy, RunLock, read_launches, record_launch
+from cmr.train.checkpoint import CheckpointError, Checkpointer
+from cmr.train.liveness import Heartbeat, describe_silent
 from cmr.train.metrics import MetricsLogger, wandb_mode
 from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, uses_deepspeed
 from cmr.train.preemption import PreemptionHandler, requeue_slurm_job
 from cmr.train.schedule import StagePlan
 from cmr.train.step import forward_and_losses, model_inputs, stage_weights
+
+
+# What gloo/NCCL say when a peer does not answer or is gone.
+_COLLECTIVE_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|peer|"
+                                 r"NCCL|gloo", re.IGNORECASE)
 
 
 def _metric_name(component: str) -> str:
@@ -47,6 +56,9 @@ class Trainer:
         tcfg = cfg.train
         self.accelerator = build_accelerator(tcfg, self.run_dir, "wandb" if tcfg.logging.wandb else None)
         acc = self.accelerator
+        self.lock = self._claim_run_dir()  # before anything in the run dir is written
+        self.heartbeat = Heartbeat(acc.process_index, acc.num_processes,
+                                   interval_s=min(5.0, max(0.5, tcfg.collective_timeout_s / 10))).start()
         self.checkpointer = Checkpointer(acc, self.run_dir, tcfg.checkpoint)
         resume_path = self.checkpointer.resolve(resume)
         set_seed(cfg.seed)
@@ -76,7 +88,8 @@ class Trainer:
         self.stage_index = -1
         if resume_path is not None:
             self._load(resume_path)
-        self._start_run_dir()
+        self.start_step = self.global_step
+        self._start_run_dir(resume_path)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -94,9 +107,35 @@ class Trainer:
         except DataError as err:
             raise DataError(f"{err} (evaluation split from eval.split; eval.every_n_epochs=0 turns it off)") from None
 
-    def _start_run_dir(self) -> None:
+    def _claim_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run dir; every rank stops with its message if another run holds it."""
+        acc = self.accelerator
+        lock, message = None, None
+        if acc.is_main_process:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+            except RunDirBusy as err:
+                lock, message = None, str(err)
+        if acc.num_processes > 1:
+            message = broadcast_object_list([message])[0]
+        if message:
+            raise RunDirBusy(message)
+        return lock
+
+    def _start_run_dir(self, resume_path: Path | None) -> None:
         acc = self.accelerator
         if acc.is_main_process:
+            record = record_launch(
+                self.run_dir, "start", world_size=acc.num_processes,
+                resumed_from=str(resume_path) if resume_path else None,
+                resumed_from_step=self.global_step if resume_path else None,
+                slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+            launches = sum(r["event"] == "start" for r in read_launches(self.run_dir))
+            acc.print(f"launch {launches} of {self.run_dir} on {record['host']}"
+                      + (f", SLURM job {record['slurm_job_id']} restart {record['slurm_restart_count']}"
+                         if record["slurm_job_id"] else ""))
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.vocab.save(self.run_dir / "vocab.json")
             self._truncate_metrics()
@@ -137,15 +176,38 @@ class Trainer:
     def train(self) -> str:
         """Run the remaining schedule; returns "done", "preempted" or "max_steps"."""
         self.metrics.start_progress(self.plan.total_steps, self.global_step)
+        outcome = "error"
         try:
-            with self.preemption:
-                outcome = self._run_epochs()
+            try:
+                with self.preemption:
+                    outcome = self._run_epochs()
+            except RuntimeError as err:
+                raise self._explain_collective_failure(err) from err
             self.accelerator.end_training()
             return outcome
         finally:
+            self.heartbeat.stop()
             self.metrics.close()
             if self.reward_pool is not None:
                 self.reward_pool.close()
+            if self.lock is not None:
+                record_launch(self.run_dir, "end", outcome=outcome, step=self.global_step,
+                              steps_run=self.global_step - self.start_step)
+                self.lock.release()
+
+    def _explain_collective_failure(self, err: RuntimeError) -> RuntimeError:
+        """A collective that timed out or lost its peer: name the rank that went silent."""
+        if isinstance(err, (TrainingError, DataError, CheckpointError)) or not _COLLECTIVE_FAILURE.search(str(err)):
+            return err
+        silent = self.heartbeat.silent_ranks()
+        if not silent:
+            return err
+        timeout = self.cfg.train.collective_timeout_s
+        return TrainingError(
+            f"{describe_silent(silent)} stopped responding (no heartbeat for {3 * self.heartbeat.interval_s:g} s); "
+            f"rank {self.accelerator.process_index} gave up on a collective at step {self.global_step} "
+            f"(train.collective_timeout_s={timeout:g}): {' '.join(str(err).split())[:200]}"
+        )
 
     def _run_epochs(self) -> str:
         max_steps = self.cfg.train.max_steps

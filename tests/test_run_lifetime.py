@@ -1,0 +1,187 @@
+"""A run directory has one owner, no process of a run outlives it, and a crashed run resumes.
+
+Every test launches the real trainer under `accelerate launch` with 2 CPU processes and
+kills or stops real processes: the launcher alone (the orphan case), every process at once
+(a machine crash), one rank (SIGSTOP: a wedged or lost node).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.launch import REPO, accelerate_launch, cpu_env, free_port, ok
+from tests.test_train import TRAIN, losses, metrics, train_args, evals
+from tests.tiny_data import write_split
+from cmr.run_lock import RunDirBusy, RunLock, read_launches
+from cmr.train.checkpoint import read_meta
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# 30 steps of 2 ranks x 4 (6 per epoch); a checkpoint every 5 steps and at the ends of
+# stages (12, 18); a reward-pool worker per rank, so the pool's processes are in the tree too.
+RUN = ["data.batch_size=4", "train.checkpoint.every_n_steps=5", "reward.num_workers=1"]
+TOTAL_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifetime_shards")
+    write_split(root, "train", 48, shard_size=6)
+    write_split(root, "val", 12, shard_size=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The same run, never interrupted."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, *RUN)))
+    return run
+
+
+def launch(shards, run_dir, *overrides):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(TRAIN), *train_args(shards, run_dir, *overrides), "--resume", "auto"]
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_until(condition, process, timeout=240, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, f"run ended before {what}: " + process.stdout.read()[-4000:]
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def reached(run_dir, step):
+    return lambda: (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run_dir))
+
+
+def ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
+    return [p for p in launcher.children() if "train.py" in command(p)]
+
+
+def tree(launcher: psutil.Process) -> list[psutil.Process]:
+    """The launcher's descendants: ranks, their DataLoader and reward workers, trackers."""
+    return launcher.children(recursive=True)
+
+
+def command(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie waiting for its parent
+        return ""
+
+
+def spawned_children(rank: psutil.Process) -> list[psutil.Process]:
+    return [p for p in rank.children() if "multiprocessing" in command(p)]
+
+
+def gone_within(procs: list[psutil.Process], seconds: float) -> list[str]:
+    _, alive = psutil.wait_procs(procs, timeout=seconds)
+    survivors = [f"{p.pid} {command(p)[:120]}" for p in alive]
+    for p in alive:
+        p.kill()
+    return survivors
+
+
+def check_resumed_like_the_reference(run, reference, resumed_from):
+    starts = [r for r in read_launches(run) if r["event"] == "start"]
+    ends = [r for r in read_launches(run) if r["event"] == "end"]
+    assert [s["resumed_from_step"] for s in starts] == [None, resumed_from]
+    # The second launch really resumed: it ran only the steps after the checkpoint.
+    assert ends[-1]["outcome"] == "done" and ends[-1]["steps_run"] == TOTAL_STEPS - resumed_from
+    assert losses(metrics(run)) == losses(metrics(reference))
+    assert evals(run) == evals(reference)
+
+
+def newest_checkpoint_step(run) -> int:
+    """What --resume auto will pick (a save cut off before its rename counts: it is finished)."""
+    complete = [p for p in (run / "checkpoints").glob("*step-*") if read_meta(p) is not None]
+    return max(int(p.name.rsplit("-", 1)[1]) for p in complete)
+
+
+def test_a_second_training_on_a_run_dir_in_use_stops_before_any_work(shards, tmp_path):
+    run = tmp_path / "run"
+    holder = RunLock(run)
+    holder.acquire()  # this test process plays the training that owns the run dir
+    result = accelerate_launch(TRAIN, *train_args(shards, run, *RUN), "--resume", "auto", num_processes=1)
+    assert result.returncode != 0
+    assert f"run directory {run} is in use by pid {os.getpid()} on " in result.stderr
+    assert not re.search(r'File ".*/(cmr|launch)/', result.stderr), result.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    holder.release()
+
+
+def test_one_owner_and_no_process_outlives_a_killed_launcher(shards, reference, tmp_path):
+    run = tmp_path / "run"
+    process = launch(shards, run, *RUN)
+    launcher = psutil.Process(process.pid)
+    wait_until(reached(run, 2), process, what="step 2")
+    rank0 = next(r for r in ranks_of(launcher) if r.environ().get("RANK") == "0")
+    with pytest.raises(RunDirBusy, match=f"in use by pid {rank0.pid} on "):
+        RunLock(run).acquire()  # rank 0 holds the run dir
+    # kill -9 of the launcher only: the ranks (own sessions), their workers and trackers go too.
+    wait_until(reached(run, 8), process, what="step 8")
+    procs, helpers = tree(launcher), [spawned_children(r) for r in ranks_of(launcher)]
+    launcher.kill()
+    killed_at = metrics(run)[-1]["step"]
+    # Each rank had its reward worker and DataLoader workers (spawned, with their tracker).
+    assert len(helpers) == 2 and all(len(h) >= 3 for h in helpers), [command(p) for p in procs]
+    process.wait()
+    assert gone_within(procs, 10) == []
+    # The lock went with its holder: --resume auto just works, and equals the reference.
+    resumed_from = newest_checkpoint_step(run)
+    assert resumed_from <= killed_at < TOTAL_STEPS
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, *RUN), "--resume", "auto"))
+    check_resumed_like_the_reference(run, reference, resumed_from)
+
+
+def test_a_machine_crash_kills_every_process_and_resume_equals_the_reference(shards, reference, tmp_path):
+    run = tmp_path / "run"
+    process = launch(shards, run, *RUN)
+    launcher = psutil.Process(process.pid)
+    wait_until(reached(run, 22), process, what="step 22")
+    procs = [launcher, *tree(launcher)]
+    for p in procs:  # as at a power cut: no process gets to react to another's death
+        p.kill()
+    process.wait()
+    assert gone_within(procs, 10) == []
+    resumed_from = newest_checkpoint_step(run)
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, *RUN), "--resume", "auto"))
+    check_resumed_like_the_reference(run, reference, resumed_from)
+
+
+def test_a_stopped_rank_fails_the_others_within_the_collective_timeout(shards, tmp_path):
+    run, timeout = tmp_path / "run", 15
+    # Batches of 2: 60 steps, so the run is still going when rank 1 stops.
+    process = launch(shards, run, "data.batch_size=2", f"train.collective_timeout_s={timeout}")
+    launcher = psutil.Process(process.pid)
+    wait_until(reached(run, 3), process, what="step 3")
+    rank1 = next(r for r in ranks_of(launcher) if r.environ().get("RANK") == "1")
+    procs = tree(launcher)
+    rank1.suspend()  # SIGSTOP: alive, holding its sockets, answering nothing
+    stopped = time.time()
+    try:
+        output = process.communicate(timeout=timeout + 90)[0]
+        elapsed = time.time() - stopped
+    finally:
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert process.returncode != 0
+    assert f"rank 1 (pid {rank1.pid} on " in output and "stopped responding" in output, output[-4000:]
+    assert f"train.collective_timeout_s={timeout}" in output
+    # The collective gives up after the timeout; naming the silent rank takes a few seconds more.
+    assert elapsed < timeout + 45, elapsed
