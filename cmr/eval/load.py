@@ -8,19 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmr.run_dir import CheckpointError, RunDir, load_model_state
-
-__all__ = ["CheckpointError", "find_checkpoint", "load_model_state", "load_run_model"]
-
-
-def find_checkpoint(run_dir: RunDir | str | Path, which: str | None = "latest") -> Path:
-    """``latest``, ``best`` (the exported best-by-rsum model), ``step-N``/``N``, or a path;
-    None: best if the run has one, else the latest."""
-    return RunDir.of(run_dir).find_checkpoint(which)
+from cmr.run_dir import RunDir, load_model_state
 
 
 def load_run_model(run_dir: RunDir | str | Path, which: str | None = "latest"):
-    """(model in eval mode, vocabulary, experiment config, checkpoint path) of a run."""
+    """(model in eval mode, vocabulary, experiment config, checkpoint path) of a run;
+    ``which``: latest, best, step-N or N, a path, or None (best if the run has one, else
+    latest). Raises ``cmr.run_dir.RunDirError`` (a CheckpointError for a missing checkpoint)."""
     from cmr.experiment import ExperimentConfig
     from cmr.models.image import ImageEncoder
     from cmr.models.lim import LookImagineMatch

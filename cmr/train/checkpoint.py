@@ -26,7 +26,6 @@ The run directory must be on a file system every rank sees (one node, or a share
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -37,11 +36,11 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 
-from cmr.config import ConfigError
 from cmr.run_dir import (
     META_NAME, UNFINISHED_PREFIX, CheckpointError, RunDir, fsync_dir, read_meta,
     require_meta, step_dir_name, write_durably, write_meta,
 )
+from cmr.train.config import CheckpointConfig  # here for its users: it configures this module
 
 __all__ = ["CheckpointConfig", "Checkpointer", "CheckpointError", "read_meta", "step_dir_name"]
 
@@ -54,20 +53,6 @@ _RESERVED_NAME = re.compile(
     r"|(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?(\.bin|\.safetensors)?"
     r"|.*\.tmp"
 )
-
-
-@dataclasses.dataclass
-class CheckpointConfig:
-    every_n_steps: int = 500  # 0 = only at stage ends, preemption and the end of training
-    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
-
-    def validate(self) -> None:
-        if self.every_n_steps < 0:
-            raise ConfigError(
-                "every_n_steps", f"must be >= 0 (0 = only at stage ends), got {self.every_n_steps}"
-            )
-        if self.keep_last < 1:
-            raise ConfigError("keep_last", f"must be >= 1, got {self.keep_last}")
 
 
 def _fsync_tree(path: Path) -> None:
