@@ -42,7 +42,6 @@ class MetricsLogger:
     def __init__(self, accelerator: Accelerator, run_dir: RunDir | Path, cfg: LoggingConfig):
         self.accelerator, self.cfg = accelerator, cfg
         self.run = RunDir.of(run_dir)
-        self.path = self.run.metrics_path
         self.sums: Counter = Counter()  # loss components etc., summed since the last log
         self.counts: Counter = Counter()  # how many micro-batches each sum holds
         self.num_steps = 0
