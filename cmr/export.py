@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -30,10 +29,15 @@ from cmr.data.vocab import Vocabulary
 from cmr.models.image import ImageEncoder
 from cmr.models.lim import LIMConfig, LookImagineMatch
 from cmr.models.text import TextEncoder
+from cmr.run_dir import (
+    CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, RunDirError, RunDir, atomic_dir, load_model_state,
+    save_model_weights,
+)
 
 EXPORT_FORMAT = "cmr-export"
 EXPORT_VERSION = 1
-EXPORT_FILES = ("model.safetensors", "config.yaml", "vocab.json", "export.json")
+INFO_NAME = "export.json"
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, VOCAB_NAME, INFO_NAME)
 
 
 class ExportError(RuntimeError):
@@ -56,54 +60,47 @@ def export_model(run_dir: str | Path, out_dir: str | Path, which: str | None = N
 
     An existing export in ``out_dir`` is replaced; any other non-empty directory is refused.
     The export is loaded back before it is put in place, so a broken one is never written."""
-    # The trainer's checkpoint reader lives with the trainer; exporting is a training-side job.
-    from cmr.eval.load import find_checkpoint, load_model_state
-    from cmr.train.checkpoint import CheckpointError, read_meta
-    from safetensors.torch import save_file
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
-        raise ExportError(f"{out_dir} exists and is not an earlier export: use a new or empty directory")
-    if which is None:
-        which = "best" if (run_dir / "best" / "model.safetensors").is_file() else "latest"
+    run, out_dir = RunDir(run_dir), Path(out_dir)
     try:
-        checkpoint = find_checkpoint(run_dir, which)
-        state = load_model_state(checkpoint)
-    except CheckpointError as err:
+        run.require_run()
+    except RunDirError as err:
         raise ExportError(str(err)) from None
-    meta = read_meta(checkpoint) or _read_json(checkpoint / "meta.json") or {}
-    config_text = _first_file(checkpoint, run_dir, "config.yaml").read_text()
-    vocab_text = _first_file(checkpoint, run_dir, "vocab.json").read_text()
-
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.yaml").write_text(config_text)
-    (tmp / "vocab.json").write_text(vocab_text)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INFO_NAME).is_file():
+        raise ExportError(f"{out_dir} exists and is not an earlier export: use a new or empty directory")
+    try:
+        checkpoint = run.find_checkpoint(which)
+        state = load_model_state(checkpoint)
+        config_text = run.read_text(CONFIG_NAME, checkpoint)
+        vocab_text = run.read_text(VOCAB_NAME, checkpoint)
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
+    known = run.checkpoint_info(checkpoint)
     info = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "source_run": str(run_dir.resolve()),
+        "source_run": str(run.path.resolve()),
         "source_checkpoint": str(checkpoint.resolve()),
         "checkpoint": checkpoint.name,
-        "step": meta.get("step"),
-        "metrics": meta.get("metrics") or _read_json(checkpoint / "metrics.json"),
+        "step": known.get("step"),
+        "metrics": known.get("metrics"),
         "cmr_version": _cmr_version(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    try:
-        load_exported(tmp)
-    except ExportError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_model_weights(state, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(config_text)
+        (tmp / VOCAB_NAME).write_text(vocab_text)
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        load_exported(tmp)  # an ExportError here removes tmp and leaves out_dir as it was
     return out_dir
+
+
+def read_export_info(export_dir: str | Path) -> dict:
+    """An export's ``export.json``: where it came from (run, checkpoint, step, metrics)."""
+    try:
+        return json.loads((Path(export_dir) / INFO_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{export_dir}: no readable {INFO_NAME} ({type(err).__name__})") from None
 
 
 def load_exported(export_dir: str | Path) -> tuple[LookImagineMatch, Vocabulary, InferenceConfig]:
@@ -116,10 +113,10 @@ def load_exported(export_dir: str | Path) -> tuple[LookImagineMatch, Vocabulary,
     if missing:
         raise ExportError(f"{export_dir} is not a cmr export (missing {', '.join(missing)}); "
                           "write one with launch/export.py")
-    cfg = read_inference_config(export_dir / "config.yaml")
+    cfg = read_inference_config(export_dir / CONFIG_NAME)
     try:
-        vocab = Vocabulary.load(export_dir / "vocab.json")
-        state = load_file(str(export_dir / "model.safetensors"))
+        vocab = Vocabulary.load(export_dir / VOCAB_NAME)
+        state = load_file(str(export_dir / WEIGHTS_NAME))
     except (ValueError, SafetensorError, OSError) as err:
         raise ExportError(f"{export_dir}: {err}") from None
     model = _build_model(cfg, vocab, state)
@@ -166,25 +163,6 @@ def _build_model(cfg: InferenceConfig, vocab: Vocabulary, state: dict) -> LookIm
                                num_extra_words=vocab.num_extra_words)
     return LookImagineMatch(cfg.model, vocab.itos, image_encoder, text_encoder,
                             vocab.num_train_words)
-
-
-def _first_file(checkpoint: Path, run_dir: Path, name: str) -> Path:
-    """A checkpoint's own copy of a run file if it has one (the config may have changed
-    on a later resume), else the run's."""
-    path = checkpoint / name
-    if path.is_file() and path.read_text().strip():
-        return path
-    if not (run_dir / name).is_file():
-        raise ExportError(f"neither {checkpoint} nor {run_dir} has a {name}")
-    return run_dir / name
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _cmr_version() -> str:

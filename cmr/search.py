@@ -40,6 +40,7 @@ from cmr.data.source import ShardSet
 from cmr.data.transforms import decode_min_side, eval_transform, normalize
 from cmr.data.vocab import Vocabulary, tokenize
 from cmr.eval.embed import EmbeddingSet, compute_embeddings
+from cmr.run_dir import CACHE_DIR
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: caption texts as stored (1 held token ids)
@@ -216,7 +217,7 @@ def _weight_files(checkpoint: Path) -> list[Path]:
     if (checkpoint / "model.safetensors").is_file():
         return [checkpoint / "model.safetensors"]
     files = (p for p in checkpoint.rglob("*") if p.is_file())
-    return sorted(p for p in files if "cache" not in p.relative_to(checkpoint).parts)
+    return sorted(p for p in files if CACHE_DIR not in p.relative_to(checkpoint).parts)
 
 
 def embeddings_cache_path(cache_dir: str | Path, shardset: ShardSet, split: str,
@@ -265,7 +266,7 @@ def gallery_embeddings(
     data_cfg = dataclasses.replace(cfg.data, shards=shards if isinstance(shards, (list, dict)) else str(shards),
                                    num_workers=num_workers)
     shardset = data_cfg.open_split(split)
-    path = embeddings_cache_path(Path(root) / "cache", shardset, split, checkpoint, data_cfg, vocab)
+    path = embeddings_cache_path(Path(root) / CACHE_DIR, shardset, split, checkpoint, data_cfg, vocab)
     cached = _read_cache(path)
     if cached is not None:
         return cached
@@ -350,15 +351,12 @@ def load_search_model(run_dir: str | Path | None = None, exported: str | Path | 
         model, vocab, cfg = load_exported(exported)
         return model, vocab, cfg, Path(exported), Path(exported)
     from cmr.eval.load import load_run_model
-    from cmr.train.checkpoint import CheckpointError
+    from cmr.run_dir import RunDir, RunDirError
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SearchError(f"{run_dir} is not a run directory (no config.yaml in it)")
-    if checkpoint is None:
-        checkpoint = "best" if (run_dir / "best" / "model.safetensors").is_file() else "latest"
+    run = RunDir(run_dir)
     try:
-        model, vocab, cfg, path = load_run_model(run_dir, checkpoint)
-    except CheckpointError as err:
+        run.require_run()
+        model, vocab, cfg, path = load_run_model(run, checkpoint)  # None: best, else latest
+    except RunDirError as err:
         raise SearchError(str(err)) from None
-    return model, vocab, cfg, path, run_dir
+    return model, vocab, cfg, path, run.path

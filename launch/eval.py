@@ -21,7 +21,7 @@ from cmr.data.source import DataError
 from cmr.eval.load import load_run_model
 from cmr.eval.run import evaluate_loader, format_table, with_shards
 from cmr.procs import end_with_launcher
-from cmr.train.checkpoint import CheckpointError
+from cmr.run_dir import RunDir, RunDirError
 
 
 def main() -> int:
@@ -36,19 +36,20 @@ def main() -> int:
     args = parser.parse_args()
     state = PartialState()
     try:
-        model, vocab, cfg, checkpoint = load_run_model(args.run_dir, args.checkpoint)
+        run = RunDir(args.run_dir)
+        model, vocab, cfg, checkpoint = load_run_model(run, args.checkpoint)
         data_cfg = with_shards(cfg.data, args.shards, args.num_workers)
         loader = build_loader(data_cfg, vocab, split=args.split, mode="eval",
                               rank=state.process_index, world_size=state.num_processes)
         model.to(state.device)
         metrics, _ = evaluate_loader(model, loader, data_cfg, cfg.eval, device=state.device,
                                      accelerator=state, fold5=args.fold5)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+    except (ConfigError, DataError, RunDirError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if state.is_main_process:
         metrics.update(split=args.split, checkpoint=str(checkpoint), fold5=args.fold5)
-        out = args.run_dir / "eval" / f"{args.split}{'-fold5' if args.fold5 else ''}.json"
+        out = run.eval_result_path(args.split, args.fold5)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(format_table(metrics, f"{args.run_dir} [{checkpoint.name}] on {args.split}"))

@@ -8,11 +8,10 @@ the run has one, else latest.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from cmr.export import ExportError, export_model
+from cmr.export import ExportError, export_model, read_export_info
 
 
 def main(argv=None) -> int:
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    info = json.loads((out / "export.json").read_text())
+    info = read_export_info(out)
     print(f"exported {info['checkpoint']} (step {info['step']}) of {args.run_dir} to {out}")
     return 0
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from cmr.config import ConfigError, add_config_arguments, config_from_args, save_config
+from cmr.config import ConfigError, add_config_arguments, config_from_args
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.source import DataError
 from cmr.experiment import ExperimentConfig
+from cmr.run_dir import RunDir
 
 
 def main() -> int:
@@ -38,8 +39,9 @@ def main() -> int:
         print(f"{kind} error: {err}", file=sys.stderr)
         return 2
     if args.run_dir and state.is_main_process:
-        save_config(cfg, args.run_dir / "config.yaml")
-        vocab.save(args.run_dir / "vocab.json")
+        run = RunDir(args.run_dir)
+        run.write_config(cfg)
+        run.write_vocab(vocab)
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
         start, num_samples = time.perf_counter(), 0

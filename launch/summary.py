@@ -6,16 +6,18 @@ metrics.jsonl holds two kinds of records: training steps (step, epoch, stage, lo
 and end-of-epoch evaluations (the same plus ``split`` and eval/*).
 """
 
-import json
 import sys
 from pathlib import Path
 
+from cmr.run_dir import RunDir
+
 
 def summarize(run_dir: Path) -> list[str]:
-    path = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    path = run.metrics_path
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (has the run logged a step yet?)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = run.read_metrics()
     steps = [r for r in records if "split" not in r]
     evals = [r for r in records if "split" in r]
     if not steps:

@@ -12,8 +12,7 @@ from cmr.config import ConfigError, add_config_arguments, config_from_args
 from cmr.data.source import DataError
 from cmr.experiment import ExperimentConfig
 from cmr.procs import end_with_launcher
-from cmr.run_lock import RunDirBusy
-from cmr.train.checkpoint import CheckpointError
+from cmr.run_dir import RunDirError
 from cmr.train.trainer import Trainer, TrainingError
 
 
@@ -28,10 +27,10 @@ def main() -> int:
     try:
         trainer = Trainer(cfg, args.run_dir or Path("runs") / cfg.name, resume=args.resume)
         outcome = trainer.train()
-    except (ConfigError, DataError, CheckpointError, RunDirBusy, TrainingError) as err:
+    except (ConfigError, DataError, RunDirError, TrainingError) as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{kind}: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ConfigError, DataError, CheckpointError, RunDirBusy)) else 1
+        return 2 if isinstance(err, (ConfigError, DataError, RunDirError)) else 1  # RunDirError: busy, bad checkpoint
     trainer.accelerator.print(f"training {outcome} at step {trainer.global_step}")
     return 0
 

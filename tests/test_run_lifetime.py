@@ -17,8 +17,7 @@ import pytest
 from tests.launch import REPO, accelerate_launch, cpu_env, free_port, ok
 from tests.test_train import TRAIN, losses, metrics, train_args, evals
 from tests.tiny_data import write_split
-from cmr.run_lock import RunDirBusy, RunLock, read_launches
-from cmr.train.checkpoint import read_meta
+from cmr.run_dir import RunDir, RunDirBusy, RunLock, read_meta
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -95,8 +94,8 @@ def gone_within(procs: list[psutil.Process], seconds: float) -> list[str]:
 
 
 def check_resumed_like_the_reference(run, reference, resumed_from):
-    starts = [r for r in read_launches(run) if r["event"] == "start"]
-    ends = [r for r in read_launches(run) if r["event"] == "end"]
+    starts = [r for r in RunDir(run).read_launches() if r["event"] == "start"]
+    ends = [r for r in RunDir(run).read_launches() if r["event"] == "end"]
     assert [s["resumed_from_step"] for s in starts] == [None, resumed_from]
     # The second launch really resumed: it ran only the steps after the checkpoint.
     assert ends[-1]["outcome"] == "done" and ends[-1]["steps_run"] == TOTAL_STEPS - resumed_from

@@ -18,12 +18,14 @@ corrupt one) and every ``.tmp-*`` directory are ignored. Old checkpoints are ren
 ``.tmp-*`` name before they are deleted, so a crash mid-delete cannot leave a
 complete-looking half. Only the newest ``keep_last`` complete checkpoints are kept.
 
+The names, and which directories count as complete checkpoints, are ``cmr.run_dir``'s: the
+readers (evaluation, search, export) go through it without importing this module.
+
 The run directory must be on a file system every rank sees (one node, or a shared one).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -34,80 +36,23 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 
-from cmr.config import ConfigError
+from cmr.run_dir import (
+    META_NAME, UNFINISHED_PREFIX, CheckpointError, RunDir, fsync_dir, read_meta,
+    require_meta, step_dir_name, write_durably, write_meta,
+)
+from cmr.train.config import CheckpointConfig  # here for its users: it configures this module
 
-META_NAME = "meta.json"
+__all__ = ["CheckpointConfig", "Checkpointer", "CheckpointError", "read_meta", "step_dir_name"]
+
 STATE_PATTERN = "trainer_state.rank{rank}.json"
-_STEP_DIR = re.compile(r"step-(\d+)")
-_UNFINISHED_SAVE = re.compile(r"\.tmp-(step-\d+)")
+_UNFINISHED_SAVE = re.compile(re.escape(UNFINISHED_PREFIX) + r"(step-\d+)")
 # Names accelerate, DeepSpeed and this module write themselves; an extra file must not take one.
 _RESERVED_NAME = re.compile(
-    r"meta\.json|latest|scaler\.pt|trainer_state\.rank\d+\.json"
+    re.escape(META_NAME) + r"|latest|scaler\.pt|trainer_state\.rank\d+\.json"
     r"|(random_states|custom_checkpoint)_\d+\.pkl"
     r"|(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?(\.bin|\.safetensors)?"
     r"|.*\.tmp"
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint the user asked for is missing, incomplete or does not fit this run."""
-
-
-@dataclasses.dataclass
-class CheckpointConfig:
-    every_n_steps: int = 500  # 0 = only at stage ends, preemption and the end of training
-    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
-
-    def validate(self) -> None:
-        if self.every_n_steps < 0:
-            raise ConfigError(
-                "every_n_steps", f"must be >= 0 (0 = only at stage ends), got {self.every_n_steps}"
-            )
-        if self.keep_last < 1:
-            raise ConfigError("keep_last", f"must be >= 1, got {self.keep_last}")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def read_meta(path: Path) -> dict | None:
-    """``meta.json`` of a complete checkpoint, or None for anything half-written or foreign."""
-    try:
-        meta = json.loads((Path(path) / META_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("complete") is not True:
-        return None
-    return meta
-
-
-def _require_meta(path: Path) -> dict:
-    meta = read_meta(path)
-    if meta is None:
-        raise CheckpointError(
-            f"{path} is not a complete checkpoint (no meta.json marking it complete)"
-        )
-    return meta
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is only durable once the directory holding the name is synced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -119,7 +64,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _remove_tree(path: Path) -> None:
@@ -162,7 +107,7 @@ class Checkpointer:
             ckpt.save(step, trainer_state, files={"vocab.json": vocab_text})
     """
 
-    def __init__(self, accelerator, run_dir: str | Path, cfg: CheckpointConfig | None = None):
+    def __init__(self, accelerator, run_dir: RunDir | str | Path, cfg: CheckpointConfig | None = None):
         self.accelerator = accelerator
         self.cfg = cfg or CheckpointConfig()
         self.cfg.validate()
@@ -171,7 +116,8 @@ class Checkpointer:
             raise CheckpointError(
                 "turn off automatic_checkpoint_naming in the Accelerator's ProjectConfiguration"
             )
-        self.root = Path(run_dir).absolute() / "checkpoints"
+        self.run = RunDir(RunDir.of(run_dir).path.absolute())
+        self.root = self.run.checkpoints_dir
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             self._finish_interrupted_renames()
@@ -191,18 +137,18 @@ class Checkpointer:
         _check_file_names(files)
         state_text = _encode_state(state)  # fail before any collective, not halfway through
         acc = self.accelerator
-        final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp-{final.name}"
+        final = self.run.checkpoint_path(step)
+        tmp = self.root / f"{UNFINISHED_PREFIX}{final.name}"
         if acc.is_main_process:
             if tmp.exists():  # left by an earlier attempt at this step that died
                 _remove_tree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # every rank: DeepSpeed's engine save is itself collective
-        _write_durably(tmp / STATE_PATTERN.format(rank=acc.process_index), state_text)
+        write_durably(tmp / STATE_PATTERN.format(rank=acc.process_index), state_text)
         if acc.is_main_process:
             for name, text in files.items():
-                _write_durably(tmp / name, text)
+                write_durably(tmp / name, text)
         acc.wait_for_everyone()  # all ranks' files are in tmp before it is marked complete
         if acc.is_main_process:
             self._commit(tmp, final, step, sorted(files))
@@ -214,20 +160,19 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, final: Path, step: int, file_names: list[str]) -> None:
         _fsync_tree(tmp)
-        meta = {
+        write_meta(tmp, {
             "step": step,
             "world_size": self.accelerator.num_processes,
             "complete": True,
             "time": time.time(),
             "files": file_names,
             "distributed_type": self.accelerator.distributed_type.value,
-        }
-        _write_durably(tmp / META_NAME, json.dumps(meta, indent=2))
-        _fsync_dir(tmp)
+        })
+        fsync_dir(tmp)
         if final.exists():
             # Saving a step again replaces it. Two renames are not atomic together; if we die
             # between them, the new copy is complete in tmp and the next start renames it in.
-            old = self.root / f".tmp-old-{final.name}"
+            old = self.root / f"{UNFINISHED_PREFIX}old-{final.name}"
             if old.exists():
                 _remove_tree(old)
             os.rename(final, old)
@@ -235,7 +180,7 @@ class Checkpointer:
             _remove_tree(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond ``keep_last`` and leftovers of dead saves.
@@ -245,10 +190,10 @@ class Checkpointer:
         """
         others = [path for path in self.complete_checkpoints() if path != keep]
         for path in others[: len(others) - (self.cfg.keep_last - 1)]:
-            doomed = self.root / f".tmp-delete-{path.name}"
+            doomed = self.root / f"{UNFINISHED_PREFIX}delete-{path.name}"
             os.rename(path, doomed)  # from here on it is a .tmp-*: never mistaken for complete
             _remove_tree(doomed)
-        for path in self.root.glob(".tmp-*"):
+        for path in self.root.glob(f"{UNFINISHED_PREFIX}*"):
             if path.is_dir():
                 _remove_tree(path)
             else:
@@ -257,29 +202,21 @@ class Checkpointer:
     def _finish_interrupted_renames(self) -> None:
         # A .tmp-step-N with a complete meta.json was fully written (meta.json comes last,
         # after every rank's files and an fsync); only its rename was cut off.
-        for tmp in self.root.glob(".tmp-step-*"):
+        for tmp in self.root.glob(f"{UNFINISHED_PREFIX}step-*"):
             match = _UNFINISHED_SAVE.fullmatch(tmp.name)
             final = self.root / match.group(1) if match else None
             if final is not None and not final.exists() and read_meta(tmp) is not None:
                 os.rename(tmp, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
 
     # ---- finding -----------------------------------------------------------------------
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest step first; half-written and foreign dirs are skipped."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for path in self.root.iterdir():
-            match = _STEP_DIR.fullmatch(path.name)
-            if match and path.is_dir() and read_meta(path) is not None:
-                found.append((int(match.group(1)), path))
-        return [path for _, path in sorted(found)]
+        return self.run.complete_checkpoints()
 
     def latest(self) -> Path | None:
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+        return self.run.latest_checkpoint()
 
     def resolve(self, resume: str | None) -> Path | None:
         """Turn ``--resume`` into a checkpoint path; None means start fresh.
@@ -300,7 +237,7 @@ class Checkpointer:
             return latest
         match = re.fullmatch(r"(?:step-)?(\d+)", resume)
         if match:
-            path = self.root / step_dir_name(int(match.group(1)))
+            path = self.run.checkpoint_path(int(match.group(1)))
             if path not in self.complete_checkpoints():
                 raise CheckpointError(
                     f"--resume {resume}: no complete checkpoint for step {int(match.group(1))}; "
@@ -320,10 +257,7 @@ class Checkpointer:
         return path
 
     def _describe_available(self) -> str:
-        names = [p.name for p in self.complete_checkpoints()]
-        if not names:
-            return f"{self.root} has no complete checkpoint"
-        return f"complete checkpoints in {self.root}: {', '.join(names)}"
+        return self.run.describe_checkpoints()
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -338,7 +272,7 @@ class Checkpointer:
         DeepSpeed's ZeRO shards are per rank, so there a world size change is an error.
         """
         path = Path(path)
-        meta = _require_meta(path)
+        meta = require_meta(path)
         state = self._read_trainer_state(path, meta)
         try:
             self.accelerator.load_state(str(path))
@@ -383,7 +317,7 @@ class Checkpointer:
     def read_file(self, path: str | Path, name: str) -> str:
         """An extra file stored with a checkpoint, e.g. its vocabulary."""
         path = Path(path)
-        stored = _require_meta(path).get("files", [])
+        stored = require_meta(path).get("files", [])
         if name not in stored or not (path / name).is_file():
             listing = ", ".join(stored) or "none"
             raise CheckpointError(f"{path} has no stored file {name!r} (stored: {listing})")

@@ -8,7 +8,23 @@ from typing import Literal
 
 from cmr.config import ConfigError
 from cmr.losses.total import WEIGHT_NAMES
-from cmr.train.checkpoint import CheckpointConfig
+
+
+# Configures cmr.train.checkpoint.Checkpointer; it lives here so that reading a run's config
+# (evaluation, search, export) does not import the checkpointer and accelerate.
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500  # 0 = only at stage ends, preemption and the end of training
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+
+    def validate(self) -> None:
+        if self.every_n_steps < 0:
+            raise ConfigError(
+                "every_n_steps", f"must be >= 0 (0 = only at stage ends), got {self.every_n_steps}"
+            )
+        if self.keep_last < 1:
+            raise ConfigError("keep_last", f"must be >= 1, got {self.keep_last}")
+
 
 # Short names a stage may use for sets of the model's parameter groups.
 GROUP_ALIASES = {

@@ -7,7 +7,6 @@ writes them. Nothing else here talks to other processes.
 
 from __future__ import annotations
 
-import json
 import math
 import netrc
 import os
@@ -19,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from cmr.run_dir import RunDir
 from cmr.train.config import LoggingConfig
 
 
@@ -39,9 +39,9 @@ def wandb_mode(cfg: LoggingConfig) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: LoggingConfig):
+    def __init__(self, accelerator: Accelerator, run_dir: RunDir | Path, cfg: LoggingConfig):
         self.accelerator, self.cfg = accelerator, cfg
-        self.path = run_dir / "metrics.jsonl"
+        self.run = RunDir.of(run_dir)
         self.sums: Counter = Counter()  # loss components etc., summed since the last log
         self.counts: Counter = Counter()  # how many micro-batches each sum holds
         self.num_steps = 0
@@ -109,8 +109,7 @@ class MetricsLogger:
         if not self.accelerator.is_main_process:
             return None
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_metrics(record)
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         return record
 

@@ -9,26 +9,24 @@ agreed on with one all-reduce, so no rank ever skips a collective the others ent
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cmr.config import save_config, to_dict
+from cmr.config import to_dict
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.remote import redact_spec
 from cmr.data.source import DataError
 from cmr.data.vocab import Vocabulary
-from cmr.eval.run import evaluate_loader
+from cmr.eval.evaluator import Evaluator
 from cmr.models.lim import build_model
 from cmr.reward import RewardPool
-from cmr.run_lock import RunDirBusy, RunLock, read_launches, record_launch
-from cmr.train.checkpoint import CheckpointError, Checkpointer
+from cmr.run_dir import CONFIG_NAME, VOCAB_NAME, CheckpointError, RunDir, RunDirBusy, RunLock
+from cmr.train.checkpoint import Checkpointer
 from cmr.train.liveness import Heartbeat, describe_silent
 from cmr.train.metrics import MetricsLogger, wandb_mode
 from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, uses_deepspeed
@@ -56,6 +54,7 @@ class Trainer:
         tcfg = cfg.train
         self.accelerator = build_accelerator(tcfg, self.run_dir, "wandb" if tcfg.logging.wandb else None)
         acc = self.accelerator
+        self.run = RunDir(self.run_dir)
         self.lock = self._claim_run_dir()  # before anything in the run dir is written
         self.heartbeat = Heartbeat(acc.process_index, acc.num_processes,
                                    interval_s=min(5.0, max(0.5, tcfg.collective_timeout_s / 10))).start()
@@ -79,7 +78,7 @@ class Trainer:
         self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
         self.loader.end_epoch = self.plan.epoch_starts[-1]  # no look-ahead past the last epoch
         self.eval_loader = self._eval_loader() if cfg.eval.every_n_epochs else None
-        self.best_rsum = -math.inf
+        self.evaluator = Evaluator(acc, self.eval_loader, cfg, self.run, self.vocab)
         self.reward_pool = RewardPool(cfg.reward) if any(s.losses.get("scst", 0) > 0 for s in tcfg.stages) else None
         self.metrics = MetricsLogger(acc, self.run_dir, tcfg.logging)
         self.preemption = PreemptionHandler()
@@ -96,7 +95,7 @@ class Trainer:
     def _vocabulary(self, resume_path: Path | None) -> Vocabulary:
         """A resumed run keeps its vocabulary (word ids must not move under the model)."""
         if resume_path is not None:
-            return Vocabulary.from_dict(json.loads(self.checkpointer.read_file(resume_path, "vocab.json")))
+            return Vocabulary.from_dict(json.loads(self.checkpointer.read_file(resume_path, VOCAB_NAME)))
         return build_vocabulary(self.cfg.data, self.cfg.model.text_encoder.glove)
 
     def _eval_loader(self):
@@ -112,7 +111,7 @@ class Trainer:
         acc = self.accelerator
         lock, message = None, None
         if acc.is_main_process:
-            lock = RunLock(self.run_dir)
+            lock = self.run.lock()
             try:
                 lock.acquire()
             except RunDirBusy as err:
@@ -126,18 +125,18 @@ class Trainer:
     def _start_run_dir(self, resume_path: Path | None) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            record = record_launch(
-                self.run_dir, "start", world_size=acc.num_processes,
+            record = self.run.record_launch(
+                "start", world_size=acc.num_processes,
                 resumed_from=str(resume_path) if resume_path else None,
                 resumed_from_step=self.global_step if resume_path else None,
                 slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                 slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-            launches = sum(r["event"] == "start" for r in read_launches(self.run_dir))
+            launches = sum(r["event"] == "start" for r in self.run.read_launches())
             acc.print(f"launch {launches} of {self.run_dir} on {record['host']}"
                       + (f", SLURM job {record['slurm_job_id']} restart {record['slurm_restart_count']}"
                          if record["slurm_job_id"] else ""))
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            self.vocab.save(self.run_dir / "vocab.json")
+            self.run.write_config(self.cfg)
+            self.run.write_vocab(self.vocab)
             self._truncate_metrics()
         if self.cfg.train.logging.wandb:
             mode = wandb_mode(self.cfg.train.logging)
@@ -151,25 +150,14 @@ class Trainer:
 
     def _wandb_run_id(self) -> str:
         """One wandb run per run dir, so a resumed (or requeued) run continues its charts."""
-        path = self.run_dir / "wandb_run_id"
-        if self.accelerator.is_main_process and not path.exists():
-            import uuid
-
-            path.write_text(uuid.uuid4().hex[:12])
+        if self.accelerator.is_main_process:
+            self.run.wandb_run_id(create=True)
         self.accelerator.wait_for_everyone()
-        return path.read_text().strip()
+        return self.run.wandb_run_id()
 
     def _truncate_metrics(self) -> None:
         """After a resume, drop records logged after the checkpoint: they are logged again."""
-        path = self.metrics.path
-        if path.exists():
-            def keep(record: dict) -> bool:  # an eval at the checkpoint's step may come after it
-                if "split" in record and record["step"] == self.global_step:
-                    return record["epoch"] <= self.epoch
-                return record["step"] <= self.global_step
-
-            kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-            path.write_text("".join(line + "\n" for line in kept))
+        self.run.truncate_metrics(self.global_step, self.epoch)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -191,7 +179,7 @@ class Trainer:
             if self.reward_pool is not None:
                 self.reward_pool.close()
             if self.lock is not None:
-                record_launch(self.run_dir, "end", outcome=outcome, step=self.global_step,
+                self.run.record_launch("end", outcome=outcome, step=self.global_step,
                               steps_run=self.global_step - self.start_step)
                 self.lock.release()
 
@@ -344,63 +332,8 @@ class Trainer:
     def evaluate(self) -> dict | None:
         """Retrieval metrics on the eval split (all ranks encode; the main process scores),
         logged, and the model kept in RUN/best/ when its rsum is the best so far."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.model)
-        metrics, embeddings = evaluate_loader(model, self.eval_loader, self.cfg.data, self.cfg.eval,
-                                              device=acc.device, accelerator=acc)
-        self.model.train()
-        if metrics is None:
-            return None
         stage = self.cfg.train.stages[self.stage_index]
-        record = {"step": self.global_step, "epoch": self.epoch, "stage": stage.name, "split": self.cfg.eval.split}
-        record.update({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        with open(self.metrics.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        acc.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=self.global_step)
-        self._log_query_grids(embeddings)
-        if metrics["rsum"] > self.best_rsum:
-            self.best_rsum = metrics["rsum"]
-            self._save_best(model, metrics)
-        return metrics
-
-    def _log_query_grids(self, embeddings) -> None:
-        """A few fixed validation queries as search grids, as a wandb table."""
-        num = self.cfg.eval.num_query_grids
-        split_dir = self.eval_loader.dataset.shardset.split_dir
-        if not num or not self.cfg.train.logging.wandb:
-            return
-        import wandb
-
-        from cmr.search_results import fixed_query_grids, picture_split_dir
-
-        if picture_split_dir(split_dir) is None:  # features whose image dataset is unknown
-            return
-        grids = fixed_query_grids(embeddings, split_dir, num_queries=num)
-        table = wandb.Table(columns=["query", "top results"], data=[[q, wandb.Image(img)] for q, img in grids])
-        self.accelerator.get_tracker("wandb", unwrap=True).log({"eval/query_grids": table}, step=self.global_step)
-
-    def _save_best(self, model, metrics: dict) -> None:
-        """RUN/best/: the model as safetensors + config + vocabulary (loadable for search)."""
-        from safetensors.torch import save_file
-
-        best, tmp = self.run_dir / "best", self.run_dir / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-                 for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        save_config(self.cfg, tmp / "config.yaml")
-        self.vocab.save(tmp / "vocab.json")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / "export.json").write_text(json.dumps(
-            {"source": "best rsum on " + self.cfg.eval.split, "step": self.global_step, "epoch": self.epoch,
-             "metrics": metrics}, indent=2))
-        old = self.run_dir / ".tmp-best-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if best.exists():
-            best.rename(old)
-        tmp.rename(best)
-        shutil.rmtree(old, ignore_errors=True)
+        return self.evaluator.evaluate(self.model, self.global_step, self.epoch, stage.name)
 
     def state_dict(self) -> dict:
         return {
@@ -411,7 +344,7 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "nonfinite_total": self.nonfinite_total,
             "metrics": self.metrics.state_dict(),
-            "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
+            **self.evaluator.state_dict(),  # "best_rsum", as checkpoints have always held it
         }
 
     def _sync_buffers(self) -> None:
@@ -426,8 +359,8 @@ class Trainer:
 
     def save(self) -> Path:
         self._sync_buffers()
-        files = {"vocab.json": json.dumps(self.vocab.to_dict()), "config.yaml": (self.run_dir / "config.yaml").read_text()
-                 if (self.run_dir / "config.yaml").exists() else ""}
+        files = {VOCAB_NAME: json.dumps(self.vocab.to_dict()), CONFIG_NAME: self.run.config_path.read_text()
+                 if self.run.config_path.exists() else ""}
         return self.checkpointer.save(self.global_step, self.state_dict(), files)
 
     def _load(self, path: Path) -> None:
@@ -436,7 +369,7 @@ class Trainer:
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
         self.loader.load_state_dict(state["loader"])
         self.metrics.load_state_dict(state.get("metrics", {}))
-        self.best_rsum = state.get("best_rsum") if state.get("best_rsum") is not None else -math.inf
+        self.evaluator.load_state_dict(state)
         self.accelerator.print(f"resumed from {path} at step {self.global_step}, epoch {self.epoch}")
 
     def _preempt(self) -> str:
