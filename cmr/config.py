@@ -7,7 +7,8 @@ field by its dotted path (``data.batch_size: expected int, got 'abc'``).
 
 A config class may define ``validate(self)`` for cross-field checks; it raises
 ``ConfigError("field", "message")`` with a field name relative to itself and the
-path is prefixed automatically.
+path is prefixed automatically. A class-level ``REMOVED_FIELDS = {"old": "where it went"}``
+turns a field that moved or went into an error that says so, instead of "unknown field".
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    removed = getattr(cls, "REMOVED_FIELDS", {})
     for key in data:
+        if key in removed and key not in fields:
+            raise ConfigError(join(str(key)), removed[key])
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(join(str(key)), f"unknown field (known: {known})")
