@@ -225,11 +225,20 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _assignment(text: str) -> str:
+    """An argparse type: ``--set`` takes SECTION.KEY=VALUE words, so a stray word (a
+    positional after ``--set a=1``) is an error that names it, not a silently eaten value."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    return text
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML experiment config")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one config field (repeatable); the value is parsed as YAML",
+        "--set", dest="overrides", action="extend", nargs="+", type=_assignment, default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override config fields: --set a.b=1 c.d=2, or --set repeated; values are parsed as YAML",
     )
 
 
