@@ -159,6 +159,36 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     return cfg
 
 
+def drop_removed_fields(cls: type, data: Any) -> Any:
+    """``data`` without the fields that ``cls`` and the configs inside it list in
+    ``REMOVED_FIELDS``. For configs a run wrote (its resolved ``config.yaml``): the run was
+    made with those fields, so in it they are a record, not a request, and an old run stays
+    readable. A config a user writes still gets the error that says where the field went."""
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    removed = getattr(cls, "REMOVED_FIELDS", {})
+    out = {}
+    for key, value in data.items():
+        if key in removed and key not in fields:
+            continue
+        inner = _nested_config(hints[key]) if key in fields else None
+        if inner is not None and isinstance(value, list):
+            value = [drop_removed_fields(inner, v) for v in value]
+        elif inner is not None:
+            value = drop_removed_fields(inner, value)
+        out[key] = value
+    return out
+
+
+def _nested_config(tp: Any) -> type | None:
+    """The config class a field holds: itself, in a list, or optional; else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((c for c in map(_nested_config, typing.get_args(tp)) if c is not None), None)
+
+
 def to_dict(cfg: Any) -> Any:
     """The plain (YAML/JSON-ready) form of a config."""
     if dataclasses.is_dataclass(cfg):

@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cmr.config import ConfigError, from_dict, load_yaml
+from cmr.config import ConfigError, drop_removed_fields, from_dict, load_yaml
 from cmr.data.pipeline import DataConfig
 from cmr.data.vocab import Vocabulary
 from cmr.models.image import ImageEncoder
@@ -144,7 +144,7 @@ def read_inference_config(path: Path) -> InferenceConfig:
                 if isinstance(model.get(part), dict):
                     model[part] = {**model[part], **cleared}
         sections = {k: data[k] for k in ("data", "name") if k in data}
-        return from_dict(InferenceConfig, {**sections, "model": model})
+        return from_dict(InferenceConfig, drop_removed_fields(InferenceConfig, {**sections, "model": model}))
     except ConfigError as err:
         detail = err.message if err.field == "--config" else str(err)  # load_yaml names --config
         raise ExportError(f"{path}: {detail}") from None

@@ -11,7 +11,7 @@ import yaml
 
 import argparse
 
-from cmr.config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
+from cmr.config import ConfigError, add_config_arguments, drop_removed_fields, from_dict, load_config, save_config, to_dict
 from cmr.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +154,15 @@ def test_a_loss_weight_set_in_the_loss_section_says_where_it_moved():
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "config error: loss.triplet: loss weights are set per stage in train.stages[i].losses")
+
+
+def test_removed_fields_are_dropped_from_a_config_a_run_wrote():
+    # An older run's resolved config.yaml holds every field it ran with, the removed ones too.
+    written = to_dict(load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml"))
+    written["loss"].update(triplet=1.0, modality_adv=0.5, pad_id=0)
+    written["data"]["val_split"] = "val"
+    written["train"]["stages"][0]["losses"]["triplet"] = 2.0  # a key of a dict, not a field: kept
+    with pytest.raises(ConfigError, match="^data.val_split: removed: nothing read it; .* eval.split$"):
+        from_dict(ExperimentConfig, written)
+    cfg = from_dict(ExperimentConfig, drop_removed_fields(ExperimentConfig, written))
+    assert cfg.train.stages[0].losses["triplet"] == 2.0 and cfg.loss.margin == 0.2

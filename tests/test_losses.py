@@ -261,7 +261,7 @@ def test_scst_ignores_minus_infinity_after_the_end():
 def test_loss_config_defaults_and_validation_name_the_field():
     cfg = from_dict(LossConfig, {})
     assert (cfg.margin, cfg.max_violation, cfg.reduction) == (0.2, True, "sum")
-    for field, value in [("margin", -0.1), ("label_smoothing", 1.0), ("pad_id", -1)]:
+    for field, value in [("margin", -0.1), ("label_smoothing", 1.0)]:
         with pytest.raises(ConfigError) as err:
             from_dict(LossConfig, {field: value})
         assert err.value.field == field

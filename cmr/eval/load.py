@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cmr.config import load_config
+from cmr.config import drop_removed_fields, from_dict, load_yaml
 from cmr.data.vocab import Vocabulary
 from cmr.train.checkpoint import CheckpointError, read_meta
 
@@ -69,7 +69,7 @@ def load_run_model(run_dir: str | Path, which: str = "latest"):
     config_path = checkpoint / "config.yaml"
     if not config_path.is_file() or not config_path.read_text().strip():
         config_path = run_dir / "config.yaml"
-    cfg = load_config(ExperimentConfig, config_path)
+    cfg = from_dict(ExperimentConfig, drop_removed_fields(ExperimentConfig, load_yaml(config_path)))
     vocab_path = checkpoint / "vocab.json" if (checkpoint / "vocab.json").is_file() else run_dir / "vocab.json"
     vocab = Vocabulary.from_dict(json.loads(vocab_path.read_text()))
     # The checkpoint holds every weight: build the bare architecture (no pretrained backbone

@@ -17,6 +17,7 @@ from cmr.config import ConfigError
 from cmr.losses.adversarial import imagine_adversarial_loss, modality_adversarial_loss
 from cmr.losses.captioning import caption_xe_loss, scst_loss
 from cmr.losses.ranking import imagine_matching_loss, triplet_loss_distributed
+from cmr.models.layers import PAD_ID
 
 
 # The terms, in the order they are computed and logged; each is a key of a stage's ``losses:``.
@@ -30,7 +31,8 @@ class LossConfig:
 
     # Fields that moved or went, with where to look instead (``from_dict`` says so).
     REMOVED_FIELDS: ClassVar[dict[str, str]] = {
-        name: "loss weights are set per stage in train.stages[i].losses" for name in WEIGHT_NAMES
+        **{name: "loss weights are set per stage in train.stages[i].losses" for name in WEIGHT_NAMES},
+        "pad_id": "removed: captions are padded with the vocabulary's id 0, which is not a setting",
     }
 
     margin: float = 0.2  # hinge margin of the triplet and imagine-matching terms
@@ -38,15 +40,12 @@ class LossConfig:
     reduction: Literal["sum", "mean"] = "sum"  # over the pairs of the batch, for both hinges
     cross_rank_negatives: bool = False  # triplet negatives from all ranks, not only this one
     label_smoothing: float = 0.0  # of the caption cross-entropy
-    pad_id: int = 0
 
     def validate(self) -> None:
         if not math.isfinite(self.margin) or self.margin < 0:
             raise ConfigError("margin", f"must be a finite number >= 0, got {self.margin}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        if self.pad_id < 0:
-            raise ConfigError("pad_id", f"must be >= 0, got {self.pad_id}")
 
 
 @dataclasses.dataclass
@@ -138,7 +137,7 @@ TERMS: dict[str, _Term] = {
         ("decoder_logits", "decoder_targets"),
         ("decoder_logits", "decoder_targets"),
         lambda x, w: caption_xe_loss(
-            x.decoder_logits, x.decoder_targets, w.pad_id, w.label_smoothing
+            x.decoder_logits, x.decoder_targets, PAD_ID, w.label_smoothing
         ),
     ),
     "scst": _Term(
