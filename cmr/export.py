@@ -47,7 +47,6 @@ class InferenceConfig:
 
     data: DataConfig
     model: LIMConfig = dataclasses.field(default_factory=LIMConfig)
-    name: str = "cmr"
 
 
 def export_model(run_dir: str | Path, out_dir: str | Path, which: str | None = None) -> Path:
@@ -143,7 +142,7 @@ def read_inference_config(path: Path) -> InferenceConfig:
                                   ("text_encoder", {"glove": None, "freeze_embeddings": False})):
                 if isinstance(model.get(part), dict):
                     model[part] = {**model[part], **cleared}
-        sections = {k: data[k] for k in ("data", "name") if k in data}
+        sections = {"data": data["data"]} if "data" in data else {}
         return from_dict(InferenceConfig, drop_removed_fields(InferenceConfig, {**sections, "model": model}))
     except ConfigError as err:
         detail = err.message if err.field == "--config" else str(err)  # load_yaml names --config

@@ -1,5 +1,6 @@
 """The typed config system: YAML + --set overrides, one-line errors naming the field, exit 2."""
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -9,9 +10,9 @@ from typing import Literal
 import pytest
 import yaml
 
-import argparse
-
-from cmr.config import ConfigError, add_config_arguments, drop_removed_fields, from_dict, load_config, save_config, to_dict
+from cmr.config import (
+    ConfigError, add_config_arguments, drop_removed_fields, from_dict, load_config, save_config, to_dict,
+)
 from cmr.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]

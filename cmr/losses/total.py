@@ -1,4 +1,4 @@
-"""All loss terms of a training step, weighted by one config, summed into one scalar.
+"""All loss terms of a training step, weighted by one stage's LossWeights, summed into one scalar.
 
 A training stage switches parts of the model on and off; the losses follow without extra
 flags: a term is computed only when its weight is above zero and the model produced its
