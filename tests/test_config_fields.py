@@ -9,12 +9,14 @@ value is not using it.
 
 Which config a read is of comes from a little typing (``_Types``): where the receiver's class
 is known (an annotated parameter, ``self`` in a config method, ``cfg.data`` of a known
-config, ``for s in cfg.train.stages``), the read counts for that class only, and a receiver
-known not to be a config (``weights: LossWeights``'s weights, a tensor) counts for none.
-Where the receiver is unknown (``self.cfg`` set from an unannotated parameter), the read
-counts for every config with a field of that name. So a new field with a name of its own
-that no code reads fails this test; one that shares its name with a field read through an
-untyped receiver may slip through.
+config, ``for s in cfg.train.stages``, ``self.cfg`` of a class that stored an annotated
+parameter), the read counts for that class only, and a receiver known not to be a config
+(a tensor, an int) counts for none. Where the receiver is unknown (the trainer's ``cfg`` is
+not annotated; a lambda's argument), the read counts for every config with a field of that
+name. So a new field that no code reads fails this test when its name is its own or when
+every read of that name has a typed receiver (LoggingConfig.keep_last would: the
+Checkpointer's reads of ``keep_last`` are typed); it can slip through only behind a
+same-named field read through an untyped receiver.
 """
 
 from __future__ import annotations
@@ -62,35 +64,48 @@ def config_classes(roots=ROOTS) -> list[type]:
 
 
 class _Other:
-    """The type of a value known not to be a config (an int, a tensor, a LossWeights...)."""
+    """The type of a value known not to be a config or a class of the scanned code (an int,
+    a tensor...)."""
 
 
 OTHER = _Other()
 
 
 class _Types:
-    """Just enough typing to say which config class ``x`` is in ``x.field``: from annotations
-    (``cfg: DataConfig``), ``self`` in a config's methods, ``self.x = <config>`` in other
-    classes, assignments, ``for`` over a list of configs, and ``from_dict(Cls, ...)``."""
+    """Just enough typing to say which config class ``x`` is in ``x.field``.
 
-    def __init__(self, classes: list[type]):
+    A type is a config class; ``("seq", cls)`` for a list of them; ``("obj", name)`` for an
+    instance of a class of the scanned code, whose ``self.x = ...`` assignments say what its
+    attributes are (``self.cfg = cfg`` with ``cfg: DataConfig``); ``OTHER``; or None: unknown.
+    It comes from annotations, ``self``, assignments, ``for`` over a list of configs,
+    ``a or b``, constructor calls and ``from_dict(Cls, ...)``."""
+
+    def __init__(self, classes: list[type], class_names: set[str]):
         self.by_name = {cls.__name__: cls for cls in classes}
         # A subclass reads its base's fields (LossWeights is a LossConfig with weights).
         self.by_name.update({sub.__name__: cls for cls in classes for sub in cls.__subclasses__()})
+        self.class_names = class_names - set(self.by_name)
+        self.attrs: dict[str, dict] = {}  # class name -> attribute -> type
         self.fields = {}
         for cls in classes:
             hints = typing.get_type_hints(cls)
             self.fields[cls] = {f.name: self._of_hint(hints[f.name]) for f in dataclasses.fields(cls)}
 
     def _of_hint(self, hint):
-        if hint in self.by_name.values():
+        configs = set(self.by_name.values())
+        if hint in configs:
             return hint
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin in (list, tuple) and args and args[0] in self.by_name.values():
+        if origin in (list, tuple) and args and args[0] in configs:
             return ("seq", args[0])
-        if args and any(a in self.by_name.values() for a in args) and type(None) in args:
-            return next(a for a in args if a in self.by_name.values())
+        if type(None) in args and any(a in configs for a in args):
+            return next(a for a in args if a in configs)
         return OTHER
+
+    def of_name(self, name: str | None):
+        if name in self.by_name:
+            return self.by_name[name]
+        return ("obj", name) if name in self.class_names else None
 
     def annotation(self, node):
         """The type an annotation names; None when it says nothing (no annotation, Any)."""
@@ -107,7 +122,7 @@ class _Types:
         name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
         if name in ("Any", "object", None):
             return None
-        return self.by_name.get(name, OTHER)
+        return self.of_name(name) or OTHER
 
     def of(self, node, env: dict):
         if isinstance(node, ast.Name):
@@ -116,27 +131,28 @@ class _Types:
             owner = self.of(node.value, env)
             if isinstance(owner, type):
                 return self.fields[owner].get(node.attr)  # None: a method or property
-            if isinstance(node.value, ast.Name) and node.value.id == "self":
-                return env.get(("self", node.attr))
-            return None  # an attribute of a non-config may be a config: unknown
+            if isinstance(owner, tuple) and owner[0] == "obj":
+                return self.attrs.get(owner[1], {}).get(node.attr)
+            return None
+        if isinstance(node, (ast.BoolOp, ast.IfExp)):  # cfg or CheckpointConfig(), a if c else b
+            options = node.values if isinstance(node, ast.BoolOp) else [node.body, node.orelse]
+            found = {self.of(option, env) for option in options} - {None}
+            return found.pop() if len(found) == 1 else None
         if isinstance(node, ast.Subscript):
             seq = self.of(node.value, env)
-            return seq[1] if isinstance(seq, tuple) else None
+            return seq[1] if isinstance(seq, tuple) and seq[0] == "seq" else None
         if isinstance(node, ast.Call):
             func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-            if func in self.by_name:
-                return self.by_name[func]
             if func in ("from_dict", "load_config", "config_from_args") and node.args:
-                return self.of_class_name(node.args[0])
+                name = node.args[0].id if isinstance(node.args[0], ast.Name) else None
+                return self.by_name.get(name)
+            return self.of_name(func)
         return None
 
-    def of_class_name(self, node):
-        name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
-        return self.by_name.get(name)
 
-
-def _bindings(func, types: _Types, env: dict) -> None:
-    """Add the names ``func`` binds to a known type to ``env`` (flow-insensitive, two passes)."""
+def _bindings(func, types: _Types, env: dict, attrs: dict) -> None:
+    """Add the names ``func`` binds to a known type to ``env``, and the types of the ``self.x``
+    it assigns to ``attrs`` (flow-insensitive, two passes)."""
     args = func.args
     for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
         typed = types.annotation(arg.annotation)
@@ -144,76 +160,87 @@ def _bindings(func, types: _Types, env: dict) -> None:
             env[arg.arg] = typed
     for _ in range(2):
         for node in ast.walk(func):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, value = node.targets[0], node.value
-            elif isinstance(node, ast.AnnAssign):
-                target, value = node.target, node.value
-                if types.annotation(node.annotation) is not None and isinstance(target, ast.Name):
-                    env[target.id] = types.annotation(node.annotation)
-                    continue
-            elif isinstance(node, (ast.For, ast.comprehension)):
+            if isinstance(node, (ast.For, ast.comprehension)):
                 seq = types.of(node.iter, env)
-                if isinstance(seq, tuple) and isinstance(node.target, ast.Name):
+                if isinstance(seq, tuple) and seq[0] == "seq" and isinstance(node.target, ast.Name):
                     env[node.target.id] = seq[1]
                 continue
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                pairs = [(node.targets[0], node.value)]
+                if isinstance(node.value, ast.Tuple) and isinstance(node.targets[0], ast.Tuple):
+                    pairs = list(zip(node.targets[0].elts, node.value.elts))  # a, b = x, y
+                pairs = [(target, types.of(value, env)) for target, value in pairs]
+            elif isinstance(node, ast.AnnAssign):
+                pairs = [(node.target, types.annotation(node.annotation)
+                          or (node.value and types.of(node.value, env)))]
             else:
                 continue
-            typed = types.of(value, env) if value is not None else None
-            if isinstance(target, ast.Name) and typed is not None:
-                env[target.id] = typed
-            elif (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-                  and target.value.id == "self" and typed is not None):
-                env[("self", target.attr)] = typed
+            for target, typed in pairs:
+                if typed is None:
+                    continue
+                if isinstance(target, ast.Name):
+                    env[target.id] = typed
+                elif (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                      and target.value.id == "self"):
+                    attrs[target.attr] = typed
+
+
+def _functions(tree):
+    """(function, name of the class it is a method of, or None) for every function in ``tree``;
+    module-level statements come as one function of their own."""
+    loose = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for item in ast.walk(node):
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield item, node.name
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node, None
+        else:
+            loose.append(node)
+    yield ast.FunctionDef(name="<module>", args=ast.arguments([], [], None, [], [], None, []),
+                          body=loose, decorator_list=[]), None
 
 
 def fields_read(classes: list[type], sources: dict[str, str] | None = None) -> set[tuple[type | None, str]]:
     """(config class, field) for every read whose receiver's type is known; (None, field) when
     it is not (such a read counts for every config with a field of that name)."""
-    types = _Types(classes)
-    reads: set = set()
     if sources is None:
         sources = {str(p): p.read_text() for folder in SCANNED for p in sorted((REPO / folder).rglob("*.py"))}
+    trees = [ast.parse(text, filename=path) for path, text in sources.items()]
+    class_names = {n.name for tree in trees for n in tree.body if isinstance(n, ast.ClassDef)}
+    types = _Types(classes, class_names)
 
-    def credit(receiver, name, env):
-        typed = types.of(receiver, env)
-        if isinstance(typed, type):
-            reads.add((typed, name))
-        elif typed is None:
-            reads.add((None, name))
+    def environment(func, owner):
+        env: dict = {"self": types.of_name(owner)} if owner else {}
+        _bindings(func, types, env, types.attrs.setdefault(owner, {}) if owner else {})
+        return env
 
-    def visit_function(func, owner: str | None, class_env: dict):
-        if owner in types.by_name and func.name in CHECK_METHODS:
-            return
-        env = dict(class_env)
-        if owner in types.by_name:
-            env["self"] = types.by_name[owner]
-        _bindings(func, types, env)
-        for node in ast.walk(func):
-            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-                credit(node.value, node.attr, env)
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
-                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                  and isinstance(node.args[1].value, str)):
-                credit(node.args[0], node.args[1].value, env)
+    for _ in range(2):  # what the attributes of the scanned classes are, through each other
+        for tree in trees:
+            for func, owner in _functions(tree):
+                environment(func, owner)
 
-    def visit_body(body, owner: str | None, class_env: dict):
-        for node in body:
-            if isinstance(node, ast.ClassDef):
-                env: dict = {}
-                for method in node.body:  # what self.x is, from every method's assignments
-                    if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                        scratch: dict = {}
-                        _bindings(method, types, scratch)
-                        env.update({k: v for k, v in scratch.items() if isinstance(k, tuple)})
-                visit_body(node.body, node.name, env)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visit_function(node, owner, class_env)
-            else:  # module or class level statements: wrap them as a function body
-                visit_function(ast.FunctionDef(name="<body>", args=ast.arguments([], [], None, [], [], None, []),
-                                               body=[node], decorator_list=[]), None, {})
-
-    for path, text in sources.items():
-        visit_body(ast.parse(text, filename=path).body, None, {})
+    reads: set = set()
+    for tree in trees:
+        for func, owner in _functions(tree):
+            if owner in types.by_name and func.name in CHECK_METHODS:
+                continue
+            env = environment(func, owner)
+            for node in ast.walk(func):
+                if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                    receiver, name = node.value, node.attr
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                      and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                      and isinstance(node.args[1].value, str)):
+                    receiver, name = node.args[0], node.args[1].value
+                else:
+                    continue
+                typed = types.of(receiver, env)
+                if isinstance(typed, type):
+                    reads.add((typed, name))
+                elif typed is None:
+                    reads.add((None, name))
     return reads
 
 
