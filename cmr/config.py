@@ -7,7 +7,8 @@ field by its dotted path (``data.batch_size: expected int, got 'abc'``).
 
 A config class may define ``validate(self)`` for cross-field checks; it raises
 ``ConfigError("field", "message")`` with a field name relative to itself and the
-path is prefixed automatically.
+path is prefixed automatically. A class-level ``REMOVED_FIELDS = {"old": "where it went"}``
+turns a field that moved or went into an error that says so, instead of "unknown field".
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    removed = getattr(cls, "REMOVED_FIELDS", {})
     for key in data:
+        if key in removed and key not in fields:
+            raise ConfigError(join(str(key)), removed[key])
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(join(str(key)), f"unknown field (known: {known})")
@@ -153,6 +157,36 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         except ConfigError as err:
             raise err.prefixed(path) if path else err
     return cfg
+
+
+def drop_removed_fields(cls: type, data: Any) -> Any:
+    """``data`` without the fields that ``cls`` and the configs inside it list in
+    ``REMOVED_FIELDS``. For configs a run wrote (its resolved ``config.yaml``): the run was
+    made with those fields, so in it they are a record, not a request, and an old run stays
+    readable. A config a user writes still gets the error that says where the field went."""
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    removed = getattr(cls, "REMOVED_FIELDS", {})
+    out = {}
+    for key, value in data.items():
+        if key in removed and key not in fields:
+            continue
+        inner = _nested_config(hints[key]) if key in fields else None
+        if inner is not None and isinstance(value, list):
+            value = [drop_removed_fields(inner, v) for v in value]
+        elif inner is not None:
+            value = drop_removed_fields(inner, value)
+        out[key] = value
+    return out
+
+
+def _nested_config(tp: Any) -> type | None:
+    """The config class a field holds: itself, in a list, or optional; else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((c for c in map(_nested_config, typing.get_args(tp)) if c is not None), None)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -221,11 +255,20 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _assignment(text: str) -> str:
+    """An argparse type: ``--set`` takes SECTION.KEY=VALUE words, so a stray word (a
+    positional after ``--set a=1``) is an error that names it, not a silently eaten value."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    return text
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML experiment config")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one config field (repeatable); the value is parsed as YAML",
+        "--set", dest="overrides", action="extend", nargs="+", type=_assignment, default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override config fields: --set a.b=1 c.d=2, or --set repeated; values are parsed as YAML",
     )
 
 

@@ -17,7 +17,7 @@ import yaml
 from cmr.config import ConfigError, add_config_arguments, config_from_args, save_config, to_dict
 from cmr.data.pipeline import DataConfig
 from cmr.eval import EvalConfig
-from cmr.losses import LossWeights
+from cmr.losses import LossConfig
 from cmr.models.backbones import backbone_spec
 from cmr.models.lim import LIMConfig
 from cmr.reward import RewardConfig
@@ -30,7 +30,7 @@ class ExperimentConfig:
     name: str = "cmr"
     seed: int = 0
     model: LIMConfig = dataclasses.field(default_factory=LIMConfig)
-    loss: LossWeights = dataclasses.field(default_factory=LossWeights)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # weights: train.stages[i].losses
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

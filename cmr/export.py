@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from cmr.config import ConfigError, from_dict, load_yaml
+from cmr.config import ConfigError, drop_removed_fields, from_dict, load_yaml
 from cmr.data.pipeline import DataConfig
 from cmr.data.vocab import Vocabulary
 from cmr.models.image import ImageEncoder
@@ -51,7 +51,6 @@ class InferenceConfig:
 
     data: DataConfig
     model: LIMConfig = dataclasses.field(default_factory=LIMConfig)
-    name: str = "cmr"
 
 
 def export_model(run_dir: str | Path, out_dir: str | Path, which: str | None = None) -> Path:
@@ -140,8 +139,8 @@ def read_inference_config(path: Path) -> InferenceConfig:
                                   ("text_encoder", {"glove": None, "freeze_embeddings": False})):
                 if isinstance(model.get(part), dict):
                     model[part] = {**model[part], **cleared}
-        sections = {k: data[k] for k in ("data", "name") if k in data}
-        return from_dict(InferenceConfig, {**sections, "model": model})
+        sections = {"data": data["data"]} if "data" in data else {}
+        return from_dict(InferenceConfig, drop_removed_fields(InferenceConfig, {**sections, "model": model}))
     except ConfigError as err:
         detail = err.message if err.field == "--config" else str(err)  # load_yaml names --config
         raise ExportError(f"{path}: {detail}") from None

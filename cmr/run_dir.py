@@ -339,13 +339,13 @@ class RunDir:
         return Vocabulary.from_dict(json.loads(self.read_text(VOCAB_NAME, checkpoint)))
 
     def read_config(self, cls, checkpoint: Path | None = None):
-        """The experiment config ``cls`` of the run (the checkpoint's copy if it has one)."""
-        from cmr.config import load_config
+        """The experiment config ``cls`` of the run (the checkpoint's copy if it has one).
+        A run's config records every field it ran with: fields removed since are dropped."""
+        from cmr.config import drop_removed_fields, from_dict, load_yaml
 
         own = Path(checkpoint) / CONFIG_NAME if checkpoint is not None else None
-        if own is not None and own.is_file() and own.read_text().strip():
-            return load_config(cls, own)
-        return load_config(cls, self.config_path)
+        path = own if own is not None and own.is_file() and own.read_text().strip() else self.config_path
+        return from_dict(cls, drop_removed_fields(cls, load_yaml(path)))
 
     def wandb_run_id(self, create: bool = False) -> str:
         """One wandb run per run dir. ``create`` (the main process only) writes a new id if

@@ -1,5 +1,6 @@
 """The typed config system: YAML + --set overrides, one-line errors naming the field, exit 2."""
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from cmr.config import ConfigError, from_dict, load_config, save_config, to_dict
+from cmr.config import (
+    ConfigError, add_config_arguments, drop_removed_fields, from_dict, load_config, save_config, to_dict,
+)
 from cmr.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +83,10 @@ def test_resolved_config_round_trips(tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted([*REPO.glob("configs/*.yaml"), *REPO.glob("configs/ablation/*.yaml"), *REPO.glob("tests/fixtures/*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(ExperimentConfig, path)
     assert cfg.data.shards
@@ -110,3 +116,54 @@ def test_cli_prints_resolved_config_with_defaults(tmp_path):
 def test_yaml_no_reaches_a_literal_field_as_the_word():
     cfg = load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml", ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir")
+    return parser.parse_args(argv)
+
+
+def test_one_set_takes_several_assignments_and_set_repeats():
+    args = parse("--set", "a.b=1", "c=[x, y]", "--run-dir", "out", "--set", "d=2", "--config", "c.yaml")
+    assert args.overrides == ["a.b=1", "c=[x, y]", "d=2"]
+    assert (args.run_dir, args.config) == ("out", "c.yaml")
+    assert parse("--set", "a=1", "--set", "b=2").overrides == ["a=1", "b=2"]
+    assert parse("--set", "a=-1", "b=--x").overrides == ["a=-1", "b=--x"]
+    assert parse("--set=a=1", "--set", "b=2").overrides == ["a=1", "b=2"]
+    assert parse().overrides == []
+
+
+def test_a_word_after_set_that_is_no_assignment_is_an_error_not_an_override():
+    with pytest.raises(argparse.ArgumentError, match="expected SECTION.KEY=VALUE, got 'runs/x'"):
+        parse("--set", "a=1", "runs/x")
+
+
+def test_cli_several_overrides_after_one_set():
+    result = run_cli("--config", "configs/emoji.yaml", "--set", "data.batch_size=16", "seed=3", "name=two")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert (printed["data"]["batch_size"], printed["seed"], printed["name"]) == (16, 3, "two")
+
+
+def test_a_loss_weight_set_in_the_loss_section_says_where_it_moved():
+    with pytest.raises(ConfigError) as err:
+        load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml", ["loss.modality_adv=1"])
+    assert str(err.value) == "loss.modality_adv: loss weights are set per stage in train.stages[i].losses"
+    result = run_cli("--config", "configs/emoji.yaml", "--set", "loss.triplet=2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "config error: loss.triplet: loss weights are set per stage in train.stages[i].losses")
+
+
+def test_removed_fields_are_dropped_from_a_config_a_run_wrote():
+    # An older run's resolved config.yaml holds every field it ran with, the removed ones too.
+    written = to_dict(load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml"))
+    written["loss"].update(triplet=1.0, modality_adv=0.5, pad_id=0)
+    written["data"]["val_split"] = "val"
+    written["train"]["stages"][0]["losses"]["triplet"] = 2.0  # a key of a dict, not a field: kept
+    with pytest.raises(ConfigError, match="^data.val_split: removed: nothing read it; .* eval.split$"):
+        from_dict(ExperimentConfig, written)
+    cfg = from_dict(ExperimentConfig, drop_removed_fields(ExperimentConfig, written))
+    assert cfg.train.stages[0].losses["triplet"] == 2.0 and cfg.loss.margin == 0.2

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cmr.config import ConfigError, from_dict
 from cmr.losses import (
+    LossConfig,
     LossInputs,
     LossWeights,
     caption_xe_loss,
@@ -18,6 +19,7 @@ from cmr.losses import (
     scst_loss,
     triplet_loss,
 )
+from cmr.losses.total import TERMS, WEIGHT_NAMES
 
 NUM_PAIRS, DIM = 6, 5
 # Captions 0 and 1 show one image, and so do 3 and 4.
@@ -256,17 +258,36 @@ def test_scst_ignores_minus_infinity_after_the_end():
     assert torch.equal(got, reference)
 
 
-def test_loss_weights_defaults_and_validation_name_the_field():
-    weights = from_dict(LossWeights, {})
-    assert (weights.triplet, weights.modality_adv, weights.margin) == (1.0, 0.5, 0.2)
-    for field, value in [("modality_adv", -0.5), ("scst", math.nan), ("margin", -0.1),
-                         ("label_smoothing", 1.0)]:
+def test_loss_config_defaults_and_validation_name_the_field():
+    cfg = from_dict(LossConfig, {})
+    assert (cfg.margin, cfg.max_violation, cfg.reduction) == (0.2, True, "sum")
+    for field, value in [("margin", -0.1), ("label_smoothing", 1.0)]:
         with pytest.raises(ConfigError) as err:
-            from_dict(LossWeights, {field: value})
+            from_dict(LossConfig, {field: value})
         assert err.value.field == field
         assert str(err.value).startswith(f"{field}: ")
     with pytest.raises(ConfigError, match="reduction: expected one of"):
-        from_dict(LossWeights, {"reduction": "avg"})
+        from_dict(LossConfig, {"reduction": "avg"})
+
+
+def test_loss_weights_are_off_unless_given_and_checked():
+    weights = LossWeights()
+    assert all(getattr(weights, name) == 0.0 for name in WEIGHT_NAMES) and weights.margin == 0.2
+    for field, value in [("modality_adv", -0.5), ("scst", math.nan)]:
+        with pytest.raises(ConfigError, match=f"^{field}: loss weight must be"):
+            from_dict(LossWeights, {field: value})
+
+
+@pytest.mark.parametrize("name", WEIGHT_NAMES)
+def test_a_weight_in_the_loss_section_says_where_weights_live(name):
+    # loss.<weight> used to be accepted and then ignored: every stage sets its own weights.
+    with pytest.raises(ConfigError) as err:
+        from_dict(LossConfig, {name: 1.0}, "loss")
+    assert str(err.value) == f"loss.{name}: loss weights are set per stage in train.stages[i].losses"
+
+
+def test_every_weight_is_a_term_in_compute_order():
+    assert tuple(TERMS) == WEIGHT_NAMES
 
 
 def full_inputs(seed: int = 9) -> LossInputs:
@@ -310,7 +331,7 @@ def test_compute_losses_skips_terms_switched_off_or_without_inputs():
     inputs.imagined_emb = None
     # Weight 0 means "not computed": these malformed inputs would raise if they were used.
     inputs.decoder_logits = torch.zeros(2)
-    total, components = compute_losses(inputs, LossWeights(caption_xe=0.0, scst=0.0))
+    total, components = compute_losses(inputs, LossWeights(triplet=1.0, modality_adv=0.5, imagine_adv=0.5, imagine_match=1.0))
     assert set(components) == {"triplet", "imagine_adv"}
     expected = components["triplet"] + 0.5 * components["imagine_adv"]
     torch.testing.assert_close(total.detach(), expected)
@@ -328,7 +349,7 @@ def test_compute_losses_reports_a_half_given_term_and_an_empty_step():
 def test_compute_losses_uses_the_configured_margin_and_hinge():
     inputs = full_inputs()
     weights = LossWeights(margin=0.7, max_violation=False, reduction="mean",
-                          cross_rank_negatives=True)
+                          cross_rank_negatives=True, triplet=1.0)
     _, components = compute_losses(inputs, weights)
     expected = triplet_loss(inputs.img_emb, inputs.txt_emb, margin=0.7, max_violation=False,
                             reduction="mean")

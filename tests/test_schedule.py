@@ -6,7 +6,7 @@ import pytest
 
 from cmr.config import ConfigError, from_dict
 from cmr.experiment import ExperimentConfig
-from cmr.losses import LossWeights
+from cmr.losses import LossConfig
 from cmr.train.config import StageConfig, TrainConfig, tutorial_stages
 from cmr.train.schedule import StagePlan, stage_lr
 from cmr.train.step import stage_weights
@@ -57,14 +57,14 @@ def test_lr_is_indexed_by_global_step_across_stages():
 
 
 def test_stage_weights_switch_unlisted_terms_off_and_fix_sum_scaling():
-    base = LossWeights()
+    base = LossConfig(margin=0.3)
     s = stage(losses={"triplet": 1.0, "caption_xe": 2.0})
     w = stage_weights(base, s, accumulation_steps=1)
     assert (w.triplet, w.caption_xe, w.modality_adv, w.scst) == (1.0, 2.0, 0.0, 0.0)
-    assert w.margin == base.margin
+    assert w.margin == 0.3 and w.max_violation is True
     w4 = stage_weights(base, s, accumulation_steps=4)
     assert w4.triplet == 4.0 and w4.caption_xe == 2.0  # sum-reduced terms only
-    mean = stage_weights(LossWeights(reduction="mean"), s, accumulation_steps=4)
+    mean = stage_weights(LossConfig(reduction="mean"), s, accumulation_steps=4)
     assert mean.triplet == 1.0
 
 
@@ -89,3 +89,8 @@ def test_train_config_errors_carry_the_full_path():
     with pytest.raises(ConfigError, match="stage names must be unique"):
         from_dict(TrainConfig, {"stages": [{"name": "a", "epochs": 1, "train": ["all"], "losses": {"triplet": 1}}] * 2})
     assert math.isclose(TrainConfig().optimizer.grad_clip, 2.0)
+
+
+def test_a_stage_max_violation_overrides_the_loss_section():
+    s = stage(max_violation=False)
+    assert stage_weights(LossConfig(max_violation=True), s, accumulation_steps=1).max_violation is False

@@ -38,10 +38,8 @@ def shards(tmp_path_factory):
 
 
 def train_args(shards, run_dir, *overrides, config=TINY):
-    args = ["--config", str(config), "--set", f"data.shards={shards}", "--run-dir", str(run_dir)]
-    for item in overrides:
-        args += ["--set", item]
-    return args
+    # All the overrides after one --set, then a flag: the form users type (see test_config).
+    return ["--config", str(config), "--set", f"data.shards={shards}", *overrides, "--run-dir", str(run_dir)]
 
 
 def all_records(run_dir):
@@ -218,6 +216,8 @@ BAD_LAUNCHES = [
      "message": "train.stages[0].train: unknown parameter group 'wings'"},
     {"id": "unknown-loss", "procs": 1, "overrides": ["train.stages=[{name: a, epochs: 1, train: [all], losses: {magic: 1}}]"],
      "message": "train.stages[0].losses.magic: unknown loss"},
+    {"id": "loss-weight-outside-a-stage", "procs": 1, "overrides": ["loss.modality_adv=1"],
+     "message": "loss.modality_adv: loss weights are set per stage in train.stages[i].losses"},
     {"id": "accumulation-needs-more-data", "procs": 2, "overrides": ["train.gradient_accumulation_steps=4", "data.batch_size=8"],
      "message": "x 4 accumulation steps"},
 ]

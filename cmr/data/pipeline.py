@@ -21,7 +21,7 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -39,13 +39,16 @@ from cmr.data.vocab import VocabConfig, Vocabulary
 
 @dataclasses.dataclass
 class DataConfig:
+    REMOVED_FIELDS: ClassVar[dict[str, str]] = {
+        "val_split": "removed: nothing read it; the split evaluated during training is eval.split",
+    }
+
     # Where the shards are: a dataset directory written by `python -m shards build ...` or a
     # URL prefix holding the same layout (https://host/coco, s3://bucket/coco); a brace
     # pattern or list of shard locations (https://host/cc3m/{00000..00331}.tar) for one
     # split; or a mapping {split: directory | pattern | list}.
     shards: str | list[str] | dict[str, str | list[str]]
     train_split: str = "train"
-    val_split: str = "val"
     batch_size: int = 64  # per rank (and per micro-batch under gradient accumulation)
     num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the main process
     prefetch_factor: int = 2

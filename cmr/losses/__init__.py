@@ -5,9 +5,10 @@ from cmr.losses.adversarial import imagine_adversarial_loss, modality_adversaria
 from cmr.losses.captioning import caption_xe_loss, scst_loss
 from cmr.losses.gather import distributed_world, gather_no_grad, gather_with_grad
 from cmr.losses.ranking import imagine_matching_loss, triplet_loss, triplet_loss_distributed
-from cmr.losses.total import LossInputs, LossWeights, active_terms, compute_losses
+from cmr.losses.total import LossConfig, LossInputs, LossWeights, active_terms, compute_losses
 
 __all__ = [
+    "LossConfig",
     "LossInputs",
     "LossWeights",
     "active_terms",

@@ -1,4 +1,4 @@
-"""All loss terms of a training step, weighted by one config, summed into one scalar.
+"""All loss terms of a training step, weighted by one stage's LossWeights, summed into one scalar.
 
 A training stage switches parts of the model on and off; the losses follow without extra
 flags: a term is computed only when its weight is above zero and the model produced its
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 
@@ -17,36 +17,56 @@ from cmr.config import ConfigError
 from cmr.losses.adversarial import imagine_adversarial_loss, modality_adversarial_loss
 from cmr.losses.captioning import caption_xe_loss, scst_loss
 from cmr.losses.ranking import imagine_matching_loss, triplet_loss_distributed
+from cmr.models.layers import PAD_ID
+
+
+# The terms, in the order they are computed and logged; each is a key of a stage's ``losses:``.
+WEIGHT_NAMES = ("triplet", "modality_adv", "imagine_adv", "imagine_match", "caption_xe", "scst")
 
 
 @dataclasses.dataclass
-class LossWeights:
-    """Weight of each term (0 switches it off) and the settings the terms share."""
+class LossConfig:
+    """The ``loss:`` section: settings the terms share. The weights are not here: each stage
+    lists its terms and their weights (``train.stages[i].losses``)."""
 
-    triplet: float = 1.0
-    modality_adv: float = 0.5  # the paper's weight for the modality discriminator
-    imagine_adv: float = 0.5
-    imagine_match: float = 1.0
-    caption_xe: float = 1.0
-    scst: float = 0.0  # off by default: SCST is a fine-tuning stage after XE
+    # Fields that moved or went, with where to look instead (``from_dict`` says so).
+    REMOVED_FIELDS: ClassVar[dict[str, str]] = {
+        **{name: "loss weights are set per stage in train.stages[i].losses" for name in WEIGHT_NAMES},
+        "pad_id": "removed: captions are padded with the vocabulary's id 0, which is not a setting",
+    }
+
     margin: float = 0.2  # hinge margin of the triplet and imagine-matching terms
     max_violation: bool = True  # hardest negative only (VSE++) instead of the sum of negatives
     reduction: Literal["sum", "mean"] = "sum"  # over the pairs of the batch, for both hinges
     cross_rank_negatives: bool = False  # triplet negatives from all ranks, not only this one
     label_smoothing: float = 0.0  # of the caption cross-entropy
-    pad_id: int = 0
 
     def validate(self) -> None:
-        for name in WEIGHT_NAMES:
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(name, f"loss weight must be a finite number >= 0, got {value}")
         if not math.isfinite(self.margin) or self.margin < 0:
             raise ConfigError("margin", f"must be a finite number >= 0, got {self.margin}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        if self.pad_id < 0:
-            raise ConfigError("pad_id", f"must be >= 0, got {self.pad_id}")
+
+
+@dataclasses.dataclass
+class LossWeights(LossConfig):
+    """What ``compute_losses`` runs with: the weight of each term (0, the default, switches it
+    off) and the shared settings. A stage's are built by ``cmr.train.step.stage_weights``;
+    this is not a config section."""
+
+    triplet: float = 0.0
+    modality_adv: float = 0.0
+    imagine_adv: float = 0.0
+    imagine_match: float = 0.0
+    caption_xe: float = 0.0
+    scst: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        for name in WEIGHT_NAMES:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(name, f"loss weight must be a finite number >= 0, got {value}")
 
 
 @dataclasses.dataclass
@@ -117,7 +137,7 @@ TERMS: dict[str, _Term] = {
         ("decoder_logits", "decoder_targets"),
         ("decoder_logits", "decoder_targets"),
         lambda x, w: caption_xe_loss(
-            x.decoder_logits, x.decoder_targets, w.pad_id, w.label_smoothing
+            x.decoder_logits, x.decoder_targets, PAD_ID, w.label_smoothing
         ),
     ),
     "scst": _Term(
@@ -126,7 +146,6 @@ TERMS: dict[str, _Term] = {
         lambda x, w: scst_loss(x.sample_logprobs, x.sample_mask, x.rewards, x.baselines),
     ),
 }
-WEIGHT_NAMES = tuple(TERMS)
 
 
 def active_terms(inputs: LossInputs, weights: LossWeights) -> list[str]:

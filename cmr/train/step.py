@@ -8,7 +8,7 @@ import torch
 
 from cmr.data.batch import Batch
 from cmr.data.transforms import normalize
-from cmr.losses import LossInputs, LossWeights, active_terms, compute_losses, scst_loss
+from cmr.losses import LossConfig, LossInputs, LossWeights, active_terms, compute_losses, scst_loss
 from cmr.losses.total import WEIGHT_NAMES
 from cmr.reward import RewardPool
 from cmr.train.config import StageConfig
@@ -21,15 +21,17 @@ _LOSS_INPUT_FIELDS = {f.name for f in dataclasses.fields(LossInputs)}
 _SUM_TERMS = ("triplet", "imagine_match")
 
 
-def stage_weights(base: LossWeights, stage: StageConfig, accumulation_steps: int) -> LossWeights:
-    """The loss weights of a stage: its listed terms on, every other term off."""
+def stage_weights(loss: LossConfig, stage: StageConfig, accumulation_steps: int) -> LossWeights:
+    """The loss weights of a stage (its ``losses:``; every unlisted term off) with the shared
+    settings of ``loss``, the stage's ``max_violation`` overriding the shared one."""
     weights = {name: float(stage.losses.get(name, 0.0)) for name in WEIGHT_NAMES}
-    if base.reduction == "sum":
+    if loss.reduction == "sum":
         for name in _SUM_TERMS:
             weights[name] *= accumulation_steps
+    settings = {f.name: getattr(loss, f.name) for f in dataclasses.fields(LossConfig)}
     if stage.max_violation is not None:
-        weights["max_violation"] = stage.max_violation
-    return dataclasses.replace(base, **weights)
+        settings["max_violation"] = stage.max_violation
+    return LossWeights(**settings, **weights)
 
 
 def model_inputs(batch: Batch, mean, std, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
