@@ -1,0 +1,133 @@
+"""No DataLoader worker is forked from a rank, and a stuck worker is an error, not a hang.
+
+A rank runs threads (gloo, wandb, the loader's queue feeders). Forking it while one of them
+holds the interpreter's runtime lock leaves the child stuck inside ``os.fork()`` (it hung a
+2-rank run once in ~500): workers must be spawned (or come from a forkserver).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from cmr.config import from_dict
+from cmr.data.loader import build_loader, build_vocabulary
+from cmr.data.pipeline import DataConfig
+from cmr.data.source import DataError
+from tests.launch import REPO
+from tests.tiny_data import write_split
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fork_safety")
+    write_split(root, "train", 24, shard_size=6)
+    write_split(root, "val", 8, shard_size=4)
+    return root
+
+
+def make_cfg(root, **overrides):
+    base = {"shards": str(root), "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8, "image": {"size": 16}}
+    return from_dict(DataConfig, {**base, **overrides})
+
+
+def command(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def test_train_and_eval_workers_are_spawned_not_forked(dataset):
+    cfg = make_cfg(dataset)
+    vocab = build_vocabulary(cfg)
+    train = build_loader(cfg, vocab, split="train", mode="train")
+    evaluation = build_loader(cfg, vocab, split="val", mode="eval")
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    train.end_epoch = 2  # the next epoch's lane starts too
+    train.set_epoch(0)
+    next(iter(train))
+    next(iter(evaluation))
+    workers = [p for p in me.children() if p.pid not in before]
+    commands = [command(p) for p in workers]
+    # train + the next epoch's lane + eval, one worker each; a forked child would carry
+    # pytest's own command line instead of multiprocessing's spawn entry point.
+    assert len([c for c in commands if "spawn_main" in c]) >= 3, commands
+    assert not [c for c in commands if "pytest" in c], commands
+
+
+def test_a_worker_that_sends_nothing_is_an_error_naming_it(dataset):
+    cfg = make_cfg(dataset, worker_timeout_s=4, prefetch_next_epoch=False)
+    loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
+    loader.set_epoch(0)
+    stopped, done = [], threading.Event()
+
+    def stop_workers_as_they_start():  # alive but silent, as a worker stuck on a dead mount is
+        while not done.is_set():
+            for p in psutil.Process().children():
+                if p.pid not in [w.pid for w in stopped] and "spawn_main" in command(p):
+                    p.suspend()
+                    stopped.append(p)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_workers_as_they_start, daemon=True)
+    watcher.start()
+    try:
+        start = time.time()
+        with pytest.raises(DataError, match=r"no batch from the data workers in 4 s \(data.worker_timeout_s\); workers: pid \d+ alive"):
+            next(iter(loader))
+        assert time.time() - start < 30
+    finally:
+        done.set()
+        watcher.join()
+        for worker in stopped:
+            worker.kill()
+
+
+CHURN = textwrap.dedent("""
+    import sys, threading, queue
+    from cmr.config import from_dict
+    from cmr.data.loader import build_loader, build_vocabulary
+    from cmr.data.pipeline import DataConfig
+
+    def churn(stop):  # threads start and end all the time, as wandb's and gloo's do
+        q = queue.Queue()
+        while not stop.is_set():
+            t = threading.Thread(target=q.put, args=(1,))
+            t.start()
+            q.get()
+            t.join()
+
+    if __name__ == "__main__":
+        root, rounds = sys.argv[1], int(sys.argv[2])
+        stop = threading.Event()
+        threads = [threading.Thread(target=churn, args=(stop,), daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        cfg = from_dict(DataConfig, {"shards": root, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8,
+                                     "image": {"size": 16}, "prefetch_next_epoch": False})
+        vocab = build_vocabulary(cfg)
+        for i in range(rounds):  # a fresh loader each round: its workers start now
+            loader = build_loader(cfg, vocab, split="train", mode="train")
+            loader.set_epoch(i)
+            assert sum(b.size for b in loader) == 24
+        stop.set()
+        print("rounds done", rounds)
+""")
+
+
+@pytest.mark.slow
+def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
+    script = tmp_path / "churn.py"
+    script.write_text(CHURN)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(dataset), "8"], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rounds done 8" in result.stdout
