@@ -96,5 +96,7 @@ def check_launch(accelerator: Accelerator, cfg: TrainConfig, batch_size: int) ->
 def build_optimizer(model: torch.nn.Module, groups: dict[str, list], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """One optimizer, one parameter group per model part (named, so stages can set its lr)."""
     param_groups = [{"params": params, "name": name, "lr": 0.0} for name, params in groups.items()]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.0, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(param_groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
