@@ -21,6 +21,7 @@ from cmr.data.source import DataError
 from cmr.eval.load import load_run_model
 from cmr.eval.run import evaluate_loader, format_table, with_shards
 from cmr.train.checkpoint import CheckpointError
+from cmr.train.parallel import cpu_requested
 
 
 def main() -> int:
@@ -32,7 +33,7 @@ def main() -> int:
     parser.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1/5 of the images")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args()
-    state = PartialState()
+    state = PartialState(cpu=cpu_requested())  # else N CPU ranks each evaluate alone
     try:
         model, vocab, cfg, checkpoint = load_run_model(args.run_dir, args.checkpoint)
         data_cfg = with_shards(cfg.data, args.shards, args.num_workers)
