@@ -11,6 +11,7 @@ Every run goes through the real `accelerate launch` (tests/launch.py) on CPU.
 """
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -112,3 +113,173 @@ def test_accumulated_micro_batches_step_like_one_batch_with_sgd(paired_shards, t
     first = parameters(accumulated / "checkpoints" / "step-00000001")
     moved = max((a[k] - first[k]).abs().max().item() for k in a)
     assert moved > 1e4 * 1e-6, f"two SGD steps moved the parameters by only {moved}"
+
+
+# -- 2. DeepSpeed ZeRO-1/2 against DDP on the same data -------------------------------------
+
+ENGINES = {"ddp": None, "zero1": "cpu_deepspeed_zero1.yaml", "zero2": "cpu_deepspeed_zero2.yaml"}
+
+
+@pytest.fixture(scope="module")
+def engine_runs(shards, tmp_path_factory):
+    """4 steps of the tiny config (Adam, an evaluation after epoch 1 at step 3) under DDP,
+    ZeRO-1 and ZeRO-2, 2 processes each, same seed and data."""
+    root = tmp_path_factory.mktemp("engines")
+    for name, yaml in ENGINES.items():
+        args = train_args(shards, root / name, "train.max_steps=4")
+        if yaml is None:
+            ok(accelerate_launch(DRIVER, *args))
+        else:
+            ok(accelerate_launch(DRIVER, *args, env=deepspeed_env(), config_file=ACCELERATE_DIR / yaml))
+    return {name: root / name for name in ENGINES}
+
+
+def test_zero1_and_zero2_run_two_real_ranks_and_train_like_ddp(engine_runs):
+    expected_type = {"ddp": "DistributedType.MULTI_CPU", "zero1": "DistributedType.DEEPSPEED",
+                     "zero2": "DistributedType.DEEPSPEED"}
+    batches = {}
+    for name, run in engine_runs.items():
+        reports = rank_reports(run)
+        assert [r["process_index"] for r in reports] == [0, 1] and [r["rank"] for r in reports] == [0, 1]
+        assert {r["world"] for r in reports} == {2} and {r["distributed_type"] for r in reports} == {expected_type[name]}
+        # Each rank trained on its own batches, and the replicas still ended equal.
+        assert reports[0]["first_batch_keys_sha256"] != reports[1]["first_batch_keys_sha256"]
+        assert len({r["params_sha256"] for r in reports}) == 1
+        batches[name] = [r["first_batch_keys_sha256"] for r in reports]
+    assert batches["zero1"] == batches["ddp"] and batches["zero2"] == batches["ddp"]  # the same data
+    ddp = losses(metrics(engine_runs["ddp"]))
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    for name in ("zero1", "zero2"):
+        other = losses(metrics(engine_runs[name]))
+        assert [r["step"] for r in other] == [1, 2, 3, 4]
+        # Step 1 computes on the same initial weights: equal. Later steps differ only by float32
+        # rounding: the ZeRO engines reduce-scatter gradients in flat fp32 buckets and clip
+        # with their own norm, DDP all-reduces per bucket, and Adam's first steps (update ~
+        # sign of the gradient) carry that rounding into the weights. Measured ~1e-6 relative;
+        # 1e-4 leaves room, and a rank that trained alone (no gradient averaging) is off by >1e-2.
+        assert other[0] == ddp[0]
+        for mine, theirs in zip(other, ddp):
+            for key in ("loss/triplet", "loss/caption_xe", "loss/total"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4), (name, mine["step"], key)
+
+
+# -- 5. evaluation: 2 processes equal 1, and each rank encodes only its share ---------------
+
+def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine_runs, shards):
+    run = engine_runs["ddp"]
+    # During training: each rank encoded half of the 12 validation images (one evaluation).
+    assert [r["eval_images_encoded"] for r in rank_reports(run)] == [6, 6]
+    args = [EVAL_DRIVER, "--run-dir", run, "--split", "test"]
+    ok(accelerate_launch(*args, num_processes=1))
+    one = json.loads((run / "eval" / "test.json").read_text())
+    assert json.loads((run / "eval" / "rank0.json").read_text())["num_images"] == NUM_TEST
+    shutil.rmtree(run / "eval")
+    ok(accelerate_launch(*args, num_processes=2))
+    two = json.loads((run / "eval" / "test.json").read_text())
+    assert two["num_images"] == NUM_TEST and two == pytest.approx(one, abs=1e-9)
+    reports = [json.loads((run / "eval" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in reports] == [2, 2]
+    # 15 images over 2 ranks: 7 and 8 real rows (plus masked padding), no image twice.
+    assert sorted(r["num_images"] for r in reports) == [7, 8]
+    keys = [set(r["keys"]) for r in reports]
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == NUM_TEST
+
+
+# -- 3 and 4. bf16 mixed precision, resumed bit for bit; the wandb run it logs to -----------
+
+BF16 = ["data.batch_size=16", "data.num_workers=0"]  # 1 process: 3 steps per epoch, eval at step 3
+BF16_STEPS, BF16_STOP = 4, 2
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(shards, tmp_path_factory):
+    """bf16 (CPU autocast), one process: BF16_STEPS uninterrupted, and the same stopped by
+    max_steps at BF16_STOP then resumed (`--resume auto`) to BF16_STEPS."""
+    root = tmp_path_factory.mktemp("bf16")
+    reference, resumed = root / "reference", root / "resumed"
+
+    def launch(run, steps, *extra):
+        args = train_args(shards, run, *BF16, f"train.max_steps={steps}")
+        ok(accelerate_launch(DRIVER, *args, *extra, num_processes=1, mixed_precision="bf16"))
+
+    launch(reference, BF16_STEPS)
+    launch(resumed, BF16_STOP)
+    first_run_id = (resumed / "wandb_run_id").read_text()
+    launch(resumed, BF16_STEPS, "--resume", "auto")
+    return reference, resumed, first_run_id
+
+
+def test_bf16_trains_and_resumes_bit_for_bit(bf16_runs):
+    reference, resumed, _ = bf16_runs
+    report = rank_reports(reference, world=1)[0]
+    assert report["mixed_precision"] == "bf16"
+    assert "torch.bfloat16" in report["linear_output_dtypes"]  # autocast really ran the layers in bf16
+    records = metrics(reference)
+    assert [r["step"] for r in records] == list(range(1, BF16_STEPS + 1))
+    assert records[-1]["loss/triplet"] < records[0]["loss/triplet"]
+    assert rank_reports(resumed, world=1)[0]["outcome"] == "max_steps"
+    assert losses(metrics(resumed)) == losses(records)  # exactly, not approximately
+    assert evals(resumed) == evals(reference) and [r["step"] for r in evals(reference)] == [3]
+    assert rank_reports(resumed, world=1)[0]["params_sha256"] == report["params_sha256"]
+
+
+# wandb 0.31 has no Python reader for its .wandb files (the old datastore module and
+# `wandb sync --view` are gone); the file is a LevelDB-style log of wandb's own protobuf
+# Records: a 7-byte header, then 32 KiB blocks of chunks (crc32 4, length 2, type 1, data).
+def wandb_records(path):
+    from wandb.proto import wandb_internal_pb2
+
+    block, data = 32 * 1024, path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
+    pos, parts = 7, []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the zero padding at a block's end
+            pos += left
+            continue
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def offline_runs(run_dir):
+    """Per offline run in RUN/wandb (oldest first): its run id and {step: {key: value}}."""
+    runs = []
+    for run in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log,) = run.glob("*.wandb")
+        run_id, history = None, {}
+        for record in wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id = record.run.run_id
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                history.setdefault(record.history.step.num, {}).update(items)
+        runs.append((run_id, history))
+    return runs
+
+
+def test_wandb_offline_run_holds_the_logged_keys_and_steps(bf16_runs):
+    reference, _, _ = bf16_runs
+    ((run_id, history),) = offline_runs(reference)
+    assert run_id == (reference / "wandb_run_id").read_text().strip()
+    assert sorted(history) == list(range(1, BF16_STEPS + 1))
+    for record in metrics(reference):
+        logged = history[record["step"]]
+        for key in ("loss/triplet", "loss/caption_xe", "loss/total", "lr/text_encoder", "grad_norm"):
+            assert logged[key] == record[key], (record["step"], key)
+    (evaluation,) = evals(reference)
+    assert history[3]["eval/rsum"] == evaluation["eval/rsum"] and "eval/i2t_r1" in history[3]
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(bf16_runs):
+    _, resumed, first_run_id = bf16_runs
+    (first_id, first), (second_id, second) = offline_runs(resumed)
+    assert first_id == second_id == first_run_id == (resumed / "wandb_run_id").read_text()
+    assert sorted(first) == list(range(1, BF16_STOP + 1))
+    assert sorted(second) == list(range(BF16_STOP + 1, BF16_STEPS + 1))
