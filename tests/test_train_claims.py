@@ -57,7 +57,9 @@ def parameters(checkpoint_dir):
 # weights halved, takes the same SGD step: 2 lr (S + M/2) = lr (2S + M). A missing 1/k
 # correction (or a double one) changes the sum terms' share by a factor of 2.
 ACCUMULATION_B = 4
-JOINT = "{{name: joint, epochs: 1, train: [all], lr: {lr}, losses: {{triplet: 1, imagine_match: 1, caption_xe: {xe}, modality_adv: {adv}, imagine_adv: {adv}}}}}"
+# The joint stage, all groups trained, every loss but SCST (whose sampling is random).
+JOINT = ("train.stages=[{{name: joint, epochs: 1, train: [all], lr: {lr}, losses: {{triplet: 1, "
+         "imagine_match: 1, caption_xe: {xe}, modality_adv: {adv}, imagine_adv: {adv}}}}}]")
 # Nothing random between the two runs: no shuffling, a full-image crop of the 40x32 images, no
 # flip, one caption per sample, no dropout (the default), no SCST sampling, no clipping (which
 # would rescale the gradient and hide its scale), and eval-free.
@@ -92,10 +94,10 @@ def test_accumulated_micro_batches_step_like_one_batch_with_sgd(paired_shards, t
     accumulated, single = tmp_path / "accumulated", tmp_path / "single"
     ok(accelerate_launch(DRIVER, *train_args(paired_shards / "twice", accumulated, *EXACT,
                                              "train.gradient_accumulation_steps=2",
-                                             "train.stages=[" + JOINT.format(lr=0.0625, xe=1, adv=0.5) + "]")))
+                                             JOINT.format(lr=0.0625, xe=1, adv=0.5))))
     ok(accelerate_launch(DRIVER, *train_args(paired_shards / "unique", single, *EXACT,
-                                             "train.stages=[" + JOINT.format(lr=0.125, xe=0.5, adv=0.25) + "]")))
-    # The premise: one vocabulary (so one initialisation) and the same blocks on each rank.
+                                             JOINT.format(lr=0.125, xe=0.5, adv=0.25))))
+    # The premise: one vocabulary, so one initialisation of the model.
     assert (accumulated / "vocab.json").read_text() == (single / "vocab.json").read_text()
     a = parameters(accumulated / "checkpoints" / "step-00000003")
     b = parameters(single / "checkpoints" / "step-00000003")
@@ -126,7 +128,7 @@ def engine_runs(shards, tmp_path_factory):
     ZeRO-1 and ZeRO-2, 2 processes each, same seed and data."""
     root = tmp_path_factory.mktemp("engines")
     for name, yaml in ENGINES.items():
-        args = train_args(shards, root / name, "train.max_steps=4")
+        args = train_args(shards, root / name, "train.max_steps=4", "train.logging.wandb=false")
         if yaml is None:
             ok(accelerate_launch(DRIVER, *args))
         else:
@@ -141,7 +143,8 @@ def test_zero1_and_zero2_run_two_real_ranks_and_train_like_ddp(engine_runs):
     for name, run in engine_runs.items():
         reports = rank_reports(run)
         assert [r["process_index"] for r in reports] == [0, 1] and [r["rank"] for r in reports] == [0, 1]
-        assert {r["world"] for r in reports} == {2} and {r["distributed_type"] for r in reports} == {expected_type[name]}
+        assert {r["world"] for r in reports} == {2}
+        assert {r["distributed_type"] for r in reports} == {expected_type[name]}
         # Each rank trained on its own batches, and the replicas still ended equal.
         assert reports[0]["first_batch_keys_sha256"] != reports[1]["first_batch_keys_sha256"]
         assert len({r["params_sha256"] for r in reports}) == 1
@@ -153,14 +156,14 @@ def test_zero1_and_zero2_run_two_real_ranks_and_train_like_ddp(engine_runs):
         other = losses(metrics(engine_runs[name]))
         assert [r["step"] for r in other] == [1, 2, 3, 4]
         # Step 1 computes on the same initial weights: equal. Later steps differ only by float32
-        # rounding: the ZeRO engines reduce-scatter gradients in flat fp32 buckets and clip
-        # with their own norm, DDP all-reduces per bucket, and Adam's first steps (update ~
-        # sign of the gradient) carry that rounding into the weights. Measured ~1e-6 relative;
-        # 1e-4 leaves room, and a rank that trained alone (no gradient averaging) is off by >1e-2.
+        # rounding: the ZeRO engines reduce (-scatter) gradients in flat fp32 buckets and clip
+        # with their own norm, DDP all-reduces per bucket. Measured: 1.0e-7 relative for both
+        # stages; 1e-5 leaves 100x room, and ZeRO without the gradient clipping DDP applies
+        # (gradient_clipping 0 in the DeepSpeed config) is off by 4.7e-4.
         assert other[0] == ddp[0]
-        for mine, theirs in zip(other, ddp):
-            for key in ("loss/triplet", "loss/caption_xe", "loss/total"):
-                assert mine[key] == pytest.approx(theirs[key], rel=1e-4), (name, mine["step"], key)
+        worst = max(abs(mine[k] - theirs[k]) / abs(theirs[k]) for mine, theirs in zip(other, ddp)
+                    for k in ("loss/triplet", "loss/caption_xe", "loss/total"))
+        assert worst <= 1e-5, f"{name}: losses differ from DDP's by up to {worst:.2e} (relative)"
 
 
 # -- 5. evaluation: 2 processes equal 1, and each rank encodes only its share ---------------
@@ -177,8 +180,8 @@ def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine
     ok(accelerate_launch(*args, num_processes=2))
     two = json.loads((run / "eval" / "test.json").read_text())
     assert two["num_images"] == NUM_TEST and two == pytest.approx(one, abs=1e-9)
-    reports = [json.loads((run / "eval" / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["world"] for r in reports] == [2, 2]
+    reports = [json.loads(path.read_text()) for path in sorted((run / "eval").glob("rank*.json"))]
+    assert [(r["process_index"], r["world"]) for r in reports] == [(0, 2), (1, 2)], "not 2 ranks of one group"
     # 15 images over 2 ranks: 7 and 8 real rows (plus masked padding), no image twice.
     assert sorted(r["num_images"] for r in reports) == [7, 8]
     keys = [set(r["keys"]) for r in reports]
@@ -186,6 +189,10 @@ def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine
 
 
 # -- 3 and 4. bf16 mixed precision, resumed bit for bit; the wandb run it logs to -----------
+#
+# fp16 is not tested here: torch 2.14 has fp16 autocast and GradScaler on CPU, but accelerate
+# 1.15 turns neither on for a CPU device (its native_amp is GPU-like devices only), so a CPU
+# run with --mixed_precision fp16 silently trains in float32 and loss scaling never runs.
 
 BF16 = ["data.batch_size=16", "data.num_workers=0"]  # 1 process: 3 steps per epoch, eval at step 3
 BF16_STEPS, BF16_STOP = 4, 2
