@@ -110,3 +110,18 @@ def test_cli_prints_resolved_config_with_defaults(tmp_path):
 def test_yaml_no_reaches_a_literal_field_as_the_word():
     cfg = load_config(ExperimentConfig, REPO / "configs" / "emoji.yaml", ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def test_optimizer_sgd_is_plain_sgd_and_unknown_names_are_rejected():
+    import torch
+
+    from cmr.train.config import OptimizerConfig
+    from cmr.train.parallel import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    cfg = from_dict(OptimizerConfig, {"name": "sgd", "weight_decay": 0.01})
+    optimizer = build_optimizer(model, {"head": list(model.parameters())}, cfg)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.0
+    assert optimizer.param_groups[0]["name"] == "head" and optimizer.param_groups[0]["weight_decay"] == 0.01
+    with pytest.raises(ConfigError, match="^name: expected one of 'adam', 'adamw', 'sgd', got 'sgdm'$"):
+        from_dict(OptimizerConfig, {"name": "sgdm"})
