@@ -168,7 +168,7 @@ def test_zero1_and_zero2_run_two_real_ranks_and_train_like_ddp(engine_runs):
 
 # -- 5. evaluation: 2 processes equal 1, and each rank encodes only its share ---------------
 
-def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine_runs, shards):
+def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine_runs):
     run = engine_runs["ddp"]
     # During training: each rank encoded half of the 12 validation images (one evaluation).
     assert [r["eval_images_encoded"] for r in rank_reports(run)] == [6, 6]
