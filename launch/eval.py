@@ -22,6 +22,7 @@ from cmr.eval.load import load_run_model
 from cmr.eval.run import evaluate_loader, format_table, with_shards
 from cmr.procs import end_with_launcher
 from cmr.run_dir import RunDir, RunDirError
+from cmr.train.parallel import cpu_requested
 
 
 def main() -> int:
@@ -34,7 +35,7 @@ def main() -> int:
     parser.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1/5 of the images")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args()
-    state = PartialState()
+    state = PartialState(cpu=cpu_requested())  # else N CPU ranks each evaluate alone
     try:
         run = RunDir(args.run_dir)
         model, vocab, cfg, checkpoint = load_run_model(run, args.checkpoint)

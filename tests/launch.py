@@ -31,18 +31,19 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 def accelerate_launch(script: str | Path, *args: str, num_processes: int = 2, timeout: float = 300,
                       env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = (),
-                      config_file: str | Path | None = None) -> subprocess.CompletedProcess:
+                      config_file: str | Path | None = None, mixed_precision: str = "no") -> subprocess.CompletedProcess:
     """Run ``script`` under the real launcher; ``--cpu`` would silently start one process, so
     multi-process CPU runs use ``--multi_gpu`` with ACCELERATE_USE_CPU=1. With
-    ``config_file``, the launch settings come from that accelerate YAML instead."""
+    ``config_file``, the launch settings come from that accelerate YAML instead.
+    ``mixed_precision``: the launcher's --mixed_precision (no, bf16, fp16)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
         cmd += ["--config_file", str(config_file), "--main_process_port", str(free_port())]
     elif num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     else:
-        cmd += ["--num_processes", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--num_processes", "1", "--cpu", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     cmd += [*launcher_args, str(script), *args]
     return subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
 

@@ -167,3 +167,18 @@ def test_removed_fields_are_dropped_from_a_config_a_run_wrote():
         from_dict(ExperimentConfig, written)
     cfg = from_dict(ExperimentConfig, drop_removed_fields(ExperimentConfig, written))
     assert cfg.train.stages[0].losses["triplet"] == 2.0 and cfg.loss.margin == 0.2
+
+
+def test_optimizer_sgd_is_plain_sgd_and_unknown_names_are_rejected():
+    import torch
+
+    from cmr.train.config import OptimizerConfig
+    from cmr.train.parallel import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    cfg = from_dict(OptimizerConfig, {"name": "sgd", "weight_decay": 0.01})
+    optimizer = build_optimizer(model, {"head": list(model.parameters())}, cfg)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.0
+    assert optimizer.param_groups[0]["name"] == "head" and optimizer.param_groups[0]["weight_decay"] == 0.01
+    with pytest.raises(ConfigError, match="^name: expected one of 'adam', 'adamw', 'sgd', got 'sgdm'$"):
+        from_dict(OptimizerConfig, {"name": "sgdm"})

@@ -30,6 +30,7 @@ EXPECTED = {
     "deepspeed_zero2": (DistributedType.DEEPSPEED, 8, 1, None, "zero2.json"),
     "multinode": (DistributedType.MULTI_GPU, 16, 2, "bf16", None),
     "cpu_2proc": (DistributedType.MULTI_GPU, 2, 1, "no", None),
+    "cpu_deepspeed_zero1": (DistributedType.DEEPSPEED, 2, 1, None, "zero1.json"),
     "cpu_deepspeed_zero2": (DistributedType.DEEPSPEED, 2, 1, None, "zero2.json"),
 }
 

@@ -105,7 +105,8 @@ def tutorial_stages() -> list[StageConfig]:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    name: Literal["adam", "adamw"] = "adam"
+    # sgd: plain SGD without momentum, whose step is lr x gradient; betas and eps are Adam's.
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0

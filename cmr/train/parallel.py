@@ -24,8 +24,15 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
+def cpu_requested() -> bool:
+    """ACCELERATE_USE_CPU=1 (what `accelerate launch --cpu` sets, and tests/launch.py for N CPU
+    ranks). Accelerator and PartialState must be told (``cpu=``): left to themselves, CPU ranks
+    started with --multi_gpu each run alone, world size 1."""
+    return _truthy("ACCELERATE_USE_CPU")
+
+
 def _uses_cpu() -> bool:
-    return _truthy("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return cpu_requested() or not torch.cuda.is_available()
 
 
 def _skip_deepspeed_cpu_shm_op() -> None:
@@ -51,7 +58,7 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, log_with: str | None) -> 
     ]
     mixed_precision = None if cfg.mixed_precision == "auto" else cfg.mixed_precision
     return Accelerator(
-        cpu=_truthy("ACCELERATE_USE_CPU"),
+        cpu=cpu_requested(),
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
@@ -96,5 +103,7 @@ def check_launch(accelerator: Accelerator, cfg: TrainConfig, batch_size: int) ->
 def build_optimizer(model: torch.nn.Module, groups: dict[str, list], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """One optimizer, one parameter group per model part (named, so stages can set its lr)."""
     param_groups = [{"params": params, "name": name, "lr": 0.0} for name, params in groups.items()]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.0, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(param_groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

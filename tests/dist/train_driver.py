@@ -2,7 +2,9 @@
 
 After training, every rank writes RUN_DIR/rank{R}.json: its rank and world size as the
 process group sees them, the distributed type, and a hash of its model parameters (equal
-hashes on every rank = the replicas really stayed in sync).
+hashes on every rank = the replicas really stayed in sync), a hash of the sample keys of the
+first batch it trained on (different on every rank = each rank read its own data), and how
+many images it encoded in evaluations (about 1/N of the split each = the work was split).
 """
 
 import hashlib
@@ -17,9 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 import train as launch_train  # noqa: E402
 
 from cmr.train import trainer as trainer_module  # noqa: E402
+from tests.dist.embed_counter import embed_counter  # noqa: E402
 
 
 class ReportingTrainer(trainer_module.Trainer):
+    first_batch_keys_sha256 = None
+    linear_output_dtypes = frozenset()  # what the Linear layers really computed in (bf16 under autocast)
+
+    def train_step(self, batch, wait_s):
+        if self.first_batch_keys_sha256 is not None:
+            return super().train_step(batch, wait_s)
+        self.first_batch_keys_sha256 = hashlib.sha256("\n".join(batch.keys).encode()).hexdigest()
+        self.linear_output_dtypes = set()
+        hooks = [m.register_forward_hook(lambda module, args, out: self.linear_output_dtypes.add(str(out.dtype)))
+                 for m in self.raw_model.modules() if isinstance(m, torch.nn.Linear)]
+        try:
+            return super().train_step(batch, wait_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def _run_epochs(self):
         # Report before train() ends the run: end_training() destroys the process group.
         outcome = super()._run_epochs()
@@ -41,6 +60,10 @@ class ReportingTrainer(trainer_module.Trainer):
             "outcome": outcome,
             "global_step": self.global_step,
             "num_threads": torch.get_num_threads(),
+            "first_batch_keys_sha256": self.first_batch_keys_sha256,
+            "eval_images_encoded": embed_counter.num_images,
+            "mixed_precision": str(self.accelerator.mixed_precision),
+            "linear_output_dtypes": sorted(self.linear_output_dtypes),
         }
         (self.run_dir / f"rank{report['process_index']}.json").write_text(json.dumps(report))
         return outcome
