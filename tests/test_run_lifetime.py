@@ -7,6 +7,7 @@ kills or stops real processes: the launcher alone (the orphan case), every proce
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,10 +15,10 @@ import time
 import psutil
 import pytest
 
-from tests.launch import REPO, accelerate_launch, cpu_env, free_port, ok
-from tests.test_train import TRAIN, losses, metrics, train_args, evals
-from tests.tiny_data import write_split
 from cmr.run_dir import RunDir, RunDirBusy, RunLock, read_meta
+from tests.launch import REPO, accelerate_launch, cpu_env, free_port, ok
+from tests.test_train import TRAIN, evals, losses, metrics, train_args
+from tests.tiny_data import write_split
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -43,11 +44,11 @@ def reference(shards, tmp_path_factory):
     return run
 
 
-def launch(shards, run_dir, *overrides):
+def launch(shards, run_dir, *overrides, env=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
            "--dynamo_backend", "no", str(TRAIN), *train_args(shards, run_dir, *overrides), "--resume", "auto"]
-    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=env or cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
@@ -184,3 +185,26 @@ def test_a_stopped_rank_fails_the_others_within_the_collective_timeout(shards, t
     assert f"train.collective_timeout_s={timeout}" in output
     # The collective gives up after the timeout; naming the silent rank takes a few seconds more.
     assert elapsed < timeout + 45, elapsed
+
+
+def test_sigusr1_checkpoints_requeues_and_the_rerun_resumes_like_the_reference(shards, reference, tmp_path):
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    (stub_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (stub_dir / "scontrol").chmod(0o755)
+    env = cpu_env(SLURM_JOB_ID="4242", PATH=f"{stub_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    process = launch(shards, run, *RUN, env=env)
+    wait_until(reached(run, 3), process, what="step 3")
+    ranks_of(psutil.Process(process.pid))[0].send_signal(signal.SIGUSR1)  # one rank hears it; all stop
+    output = process.communicate(timeout=180)[0]
+    assert process.returncode == 0, output[-4000:]
+    assert "training preempted" in output and "SLURM job 4242 restart 0" in output
+    assert calls.read_text().split() == ["requeue", "4242"]
+    stopped_at = metrics(run)[-1]["step"]
+    assert stopped_at < TOTAL_STEPS and read_meta(run / "checkpoints" / f"step-{stopped_at:08d}") is not None
+    ok(accelerate_launch(TRAIN, *train_args(shards, run, *RUN), "--resume", "auto",
+                         env=cpu_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")))
+    check_resumed_like_the_reference(run, reference, stopped_at)
+    assert [s["slurm_restart_count"] for s in RunDir(run).read_launches() if s["event"] == "start"] == [0, 1]

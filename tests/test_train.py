@@ -5,15 +5,14 @@ Each case is a set of config overrides and a process count; every run trains the
 """
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from cmr.run_dir import RunDir
 from tests.launch import REPO, accelerate_launch, cpu_env, deepspeed_env, free_port, ok
 from tests.tiny_data import write_split
 
@@ -106,68 +105,9 @@ def test_deepspeed_zero2_two_ranks(shards, tmp_path):
     after = metrics(run)
     assert [r["step"] for r in after] == list(range(1, 10))
     assert losses(after[:6]) == losses(first)
-
-
-def start_training(shards, run_dir, *overrides, env):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(TRAIN), *train_args(shards, run_dir, *overrides), "--resume", "auto"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
-
-
-def wait_for_step(run_dir, step, process, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run_dir)):
-            return
-        assert process.poll() is None, process.stdout.read()[-4000:]
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached")
-
-
-def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(shards, tmp_path):
-    env = cpu_env()
-    every = "train.checkpoint.every_n_steps=5"  # 3 steps per epoch: step 10 is mid-epoch 3
-    reference = tmp_path / "reference"
-    ok(accelerate_launch(TRAIN, *train_args(shards, reference, every)))
-    run = tmp_path / "killed"
-    process = start_training(shards, run, every, env=env)
-    wait_for_step(run, 11, process)  # checkpoints at 5, 6 (stage end), 9 (stage end), 10
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert metrics(run)[-1]["step"] < 15
-    ok(accelerate_launch(TRAIN, *train_args(shards, run, every), "--resume", "auto"))
-    assert losses(metrics(run)) == losses(metrics(reference))
-    assert evals(run) == evals(reference)  # the same models were evaluated, bit for bit
-
-
-def test_sigusr1_checkpoints_requeues_and_the_rerun_resumes(shards, tmp_path):
-    stub_dir = tmp_path / "bin"
-    stub_dir.mkdir()
-    calls = tmp_path / "scontrol_calls.txt"
-    (stub_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (stub_dir / "scontrol").chmod(0o755)
-    env = cpu_env(SLURM_JOB_ID="4242", PATH=f"{stub_dir}{os.pathsep}{os.environ['PATH']}")
-    run = tmp_path / "run"
-    # Batches of 2: 60 steps, so the signal lands mid-run.
-    process = start_training(shards, run, "data.batch_size=2", env=env)
-    wait_for_step(run, 3, process)
-    import psutil
-
-    # The launcher's own children are the ranks (their DataLoader workers are grandchildren).
-    workers = [p for p in psutil.Process(process.pid).children() if "train.py" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    workers[0].send_signal(signal.SIGUSR1)  # one rank hears it; all must agree to stop
-    output = process.communicate(timeout=180)[0]
-    assert process.returncode == 0, output[-4000:]
-    assert "preempted" in output and "training preempted" in output
-    assert calls.read_text().split() == ["requeue", "4242"]
-    stopped_at = metrics(run)[-1]["step"]
-    assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
-    ok(accelerate_launch(TRAIN, *train_args(shards, run, "data.batch_size=2"), "--resume", "auto", env=env))
-    steps = [r["step"] for r in metrics(run)]
-    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 60
+    # The second launch really resumed the engine state: from step 6, three steps run.
+    start, end = RunDir(run).read_launches()[-2:]
+    assert (start["resumed_from_step"], end["steps_run"], end["outcome"]) == (6, 3, "max_steps")
 
 
 def test_gradient_accumulation_matches_one_big_batch(shards, tmp_path):
@@ -254,6 +194,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_inta
     assert latest.name == "step-00000008"
     ok(accelerate_launch(TRAIN, *train_args(shards, run, "train.max_steps=10"), "--resume", "auto"))
     assert metrics(run)[-1]["step"] == 10
+    start, end = RunDir(run).read_launches()[-2:]
+    assert (start["resumed_from_step"], end["steps_run"]) == (8, 2)
 
 
 def test_a_few_nonfinite_steps_are_skipped_and_counted(shards, tmp_path):
