@@ -23,8 +23,9 @@ from tests.tiny_data import write_split
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # 30 steps of 2 ranks x 4 (6 per epoch); a checkpoint every 5 steps and at the ends of
-# stages (12, 18); a reward-pool worker per rank, so the pool's processes are in the tree too.
-RUN = ["data.batch_size=4", "train.checkpoint.every_n_steps=5", "reward.num_workers=1"]
+# stages (12, 18); a DataLoader worker per lane and a reward-pool worker per rank, so their
+# processes are in the tree too.
+RUN = ["data.batch_size=4", "data.num_workers=1", "train.checkpoint.every_n_steps=5", "reward.num_workers=1"]
 TOTAL_STEPS = 30
 
 

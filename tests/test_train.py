@@ -158,6 +158,8 @@ BAD_LAUNCHES = [
      "message": "train.stages[0].losses.magic: unknown loss"},
     {"id": "loss-weight-outside-a-stage", "procs": 1, "overrides": ["loss.modality_adv=1"],
      "message": "loss.modality_adv: loss weights are set per stage in train.stages[i].losses"},
+    {"id": "fp16-on-cpu", "procs": 1, "overrides": ["train.mixed_precision=fp16"],
+     "message": "train.mixed_precision: fp16 needs a GPU"},
     {"id": "accumulation-needs-more-data", "procs": 2, "overrides": ["train.gradient_accumulation_steps=4", "data.batch_size=8"],
      "message": "x 4 accumulation steps"},
 ]

@@ -192,7 +192,8 @@ def test_eval_on_two_processes_equals_one_and_each_rank_encodes_its_share(engine
 #
 # fp16 is not tested here: torch 2.14 has fp16 autocast and GradScaler on CPU, but accelerate
 # 1.15 turns neither on for a CPU device (its native_amp is GPU-like devices only), so a CPU
-# run with --mixed_precision fp16 silently trains in float32 and loss scaling never runs.
+# run with --mixed_precision fp16 would silently train in float32 with no loss scaling: the
+# trainer refuses it with a config error instead (test_train.py, BAD_LAUNCHES fp16-on-cpu).
 
 BF16 = ["data.batch_size=16", "data.num_workers=0"]  # 1 process: 3 steps per epoch, eval at step 3
 BF16_STEPS, BF16_STOP = 4, 2

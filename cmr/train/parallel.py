@@ -73,6 +73,10 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
 
 def check_launch(accelerator: Accelerator, cfg: TrainConfig, batch_size: int) -> None:
     """Launcher/config combinations that cannot work, caught before any training."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would quietly train in float32 with no loss scaling: say so instead.
+        raise ConfigError("train.mixed_precision", "fp16 needs a GPU (on CPU accelerate runs it as float32 "
+                          "without loss scaling); use bf16 or no (--mixed_precision or train.mixed_precision)")
     if not uses_deepspeed(accelerator):
         return
     plugin = accelerator.state.deepspeed_plugin
