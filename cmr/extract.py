@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cmr.config import ConfigError
 from cmr.data.decode import BadSample, decode_image, parse_text
 from cmr.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file, write_manifest
-from cmr.procs import worker_init
+from cmr.procs import WorkerInit
 from cmr.data.remote import is_url, redact
 from cmr.data.source import DataError, ShardSet, open_split
 from cmr.data.tario import IMAGE_EXTENSIONS, iter_tar_samples
@@ -339,10 +339,10 @@ def _loader(items: list[WorkItem], cfg: ExtractConfig, transform: ImageTransform
     workers = min(cfg.num_workers, len(items))
     # spawn: the rank already runs threads (gloo, tqdm), and forking a threaded process can
     # deadlock the child. Spawned workers are the rank's own children and end with it
-    # (worker_init). A bounded wait turns a dead worker into an error.
+    # (WorkerInit). A bounded wait turns a dead worker into an error.
     return DataLoader(dataset, batch_size=None, num_workers=workers,
                       multiprocessing_context="spawn" if workers else None,
-                      worker_init_fn=worker_init if workers else None,
+                      worker_init_fn=WorkerInit() if workers else None,
                       timeout=600 if workers else 0)
 
 

@@ -5,12 +5,17 @@ process group) leaves the ranks running, and a spawned helper (reward-pool worke
 worker) blocks forever on a queue whose other end is gone. Each such process calls
 :func:`die_with_parent` once at start: Linux delivers SIGKILL to it the moment its parent
 exits (``PR_SET_PDEATHSIG``); elsewhere a watchdog thread polls the parent pid.
+
+A DataLoader worker from a forkserver is the forkserver's child, not its rank's, and keeps
+the forkserver alive (it inherits the forkserver's "alive" pipe): it watches its rank's pid
+instead (:func:`die_with`, a pidfd that becomes readable when the rank exits).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
 import threading
@@ -49,6 +54,38 @@ def die_with_parent(parent: int | None = None, interval_s: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _watch_pid(pid: int, interval_s: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): poll
+        while _alive(pid):
+            time.sleep(interval_s)
+    else:
+        select.select([fd], [], [])  # readable once the process has exited
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def die_with(owner: int, interval_s: float = 1.0) -> None:
+    """End this process when ``owner`` exits: its parent through the death signal, any other
+    process through a watchdog thread."""
+    if owner == os.getppid():
+        die_with_parent(owner, interval_s)
+        return
+    threading.Thread(target=_watch_pid, args=(owner, interval_s), daemon=True, name="cmr-owner-watchdog").start()
+    if not _alive(owner):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def launched_by_a_launcher() -> bool:
     """True in a rank that ``accelerate launch`` / ``torchrun`` started: its parent is the
     launcher, whose death must end it. A process started by hand (or under nohup) is left
@@ -69,6 +106,12 @@ def end_with_launcher() -> None:
         die_with_parent()
 
 
-def worker_init(_worker_id: int | None = None) -> None:
-    """``worker_init_fn`` / pool ``initializer``: a worker ends with the process it serves."""
-    die_with_parent()
+class WorkerInit:
+    """``worker_init_fn`` of a DataLoader: the worker ends with the rank that made the loader
+    (spawned: its parent; from a forkserver: a process it watches)."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+
+    def __call__(self, _worker_id: int) -> None:
+        die_with(self.owner)

@@ -28,7 +28,7 @@ import numpy as np
 
 from cmr.bleu import BleuBatch, check_smoothing, score_batch
 from cmr.config import ConfigError
-from cmr.procs import worker_init
+from cmr.procs import die_with
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,9 @@ class RewardPool:
         """Start all workers now (a ready check per worker), so the first batch and the
         pids are not left to lazy spawning."""
         context = multiprocessing.get_context(self.cfg.start_method)
-        # die_with_parent: a worker whose rank was killed ends too, not blocks on its queue.
-        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context, initializer=worker_init)
+        # die_with: a worker whose rank was killed ends too, not blocks on its queue.
+        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context, initializer=die_with,
+                                       initargs=(os.getpid(),))
         ready = [executor.submit(_worker_ready) for _ in range(self.cfg.num_workers)]
         _, pending = wait(ready, timeout=self.cfg.start_timeout_s)
         failed = pending or any(f.exception() is not None for f in ready)

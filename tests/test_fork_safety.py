@@ -43,38 +43,51 @@ def command(p: psutil.Process) -> str:
         return ""
 
 
-def test_train_and_eval_workers_are_spawned_not_forked(dataset):
-    cfg = make_cfg(dataset)
+def loader_workers(process: psutil.Process) -> list[psutil.Process]:
+    """DataLoader workers of ``process``: its spawned children, and its forkserver's children."""
+    workers = []
+    for child in process.children():
+        cmd = command(child)
+        if "forkserver" in cmd:
+            workers += child.children()
+        elif "spawn_main" in cmd:
+            workers.append(child)
+    return workers
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_train_and_eval_workers_are_never_forked_from_the_rank(dataset, method):
+    cfg = make_cfg(dataset, worker_start_method=method)
     vocab = build_vocabulary(cfg)
     train = build_loader(cfg, vocab, split="train", mode="train")
     evaluation = build_loader(cfg, vocab, split="val", mode="eval")
     me = psutil.Process()
-    before = {p.pid for p in me.children()}
+    before = {p.pid for p in me.children(recursive=True)}
     train.end_epoch = 2  # the next epoch's lane starts too
     train.set_epoch(0)
     next(iter(train))
     next(iter(evaluation))
-    workers = [p for p in me.children() if p.pid not in before]
-    commands = [command(p) for p in workers]
-    # train + the next epoch's lane + eval, one worker each; a forked child would carry
-    # pytest's own command line instead of multiprocessing's spawn entry point.
-    assert len([c for c in commands if "spawn_main" in c]) >= 3, commands
-    assert not [c for c in commands if "pytest" in c], commands
+    # train + the next epoch's lane + eval, one worker each, none a fork of this process (a
+    # forked child would be this process's child with pytest's command line).
+    workers = [p for p in loader_workers(me) if p.pid not in before]
+    assert len(workers) >= 3, [command(p) for p in me.children(recursive=True)]
+    assert not [command(p) for p in me.children() if "pytest" in command(p)]
 
 
 def test_a_worker_that_sends_nothing_is_an_error_naming_it(dataset):
     cfg = make_cfg(dataset, worker_timeout_s=4, prefetch_next_epoch=False)
     loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
     loader.set_epoch(0)
+    before = {p.pid for p in loader_workers(psutil.Process())}
     stopped, done = [], threading.Event()
 
     def stop_workers_as_they_start():  # alive but silent, as a worker stuck on a dead mount is
         while not done.is_set():
-            for p in psutil.Process().children():
-                if p.pid not in [w.pid for w in stopped] and "spawn_main" in command(p):
+            for p in loader_workers(psutil.Process()):
+                if p.pid not in before and p.pid not in [w.pid for w in stopped]:
                     p.suspend()
                     stopped.append(p)
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     watcher = threading.Thread(target=stop_workers_as_they_start, daemon=True)
     watcher.start()

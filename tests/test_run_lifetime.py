@@ -83,8 +83,13 @@ def command(p: psutil.Process) -> str:
         return ""
 
 
-def spawned_children(rank: psutil.Process) -> list[psutil.Process]:
-    return [p for p in rank.children() if "multiprocessing" in command(p)]
+def helpers_of(rank: psutil.Process) -> list[psutil.Process]:
+    """A rank's worker processes: reward pool (spawned), DataLoader (from its forkserver)."""
+    found = []
+    for child in rank.children():
+        cmd = command(child)
+        found += child.children() if "forkserver" in cmd else [child] if "spawn_main" in cmd else []
+    return found
 
 
 def gone_within(procs: list[psutil.Process], seconds: float) -> list[str]:
@@ -133,11 +138,11 @@ def test_one_owner_and_no_process_outlives_a_killed_launcher(shards, reference, 
         RunLock(run).acquire()  # rank 0 holds the run dir
     # kill -9 of the launcher only: the ranks (own sessions), their workers and trackers go too.
     wait_until(reached(run, 8), process, what="step 8")
-    procs, helpers = tree(launcher), [spawned_children(r) for r in ranks_of(launcher)]
+    procs, helpers = tree(launcher), [helpers_of(r) for r in ranks_of(launcher)]
     launcher.kill()
     killed_at = metrics(run)[-1]["step"]
-    # Each rank had its reward worker and DataLoader workers (spawned, with their tracker).
-    assert len(helpers) == 2 and all(len(h) >= 3 for h in helpers), [command(p) for p in procs]
+    # Each rank had its reward worker and DataLoader workers (train, next epoch, eval).
+    assert len(helpers) == 2 and all(len(h) >= 4 for h in helpers), [command(p) for p in procs]
     process.wait()
     assert gone_within(procs, 10) == []
     # The lock went with its holder: --resume auto just works, and equals the reference.

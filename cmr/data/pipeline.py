@@ -54,7 +54,9 @@ class DataConfig:
     prefetch_factor: int = 2
     # How workers start. Never "fork": a rank runs threads (gloo, wandb, queue feeders), and a
     # child forked while one of them holds the interpreter's lock hangs inside os.fork().
-    worker_start_method: Literal["spawn", "forkserver"] = "spawn"
+    # forkserver: forked from a clean process that has imported the pipeline once (a worker
+    # starts in milliseconds); spawn: a fresh interpreter per worker (seconds each).
+    worker_start_method: Literal["spawn", "forkserver"] = "forkserver"
     worker_timeout_s: float = 600.0  # longest wait for a worker's next batch; 0 = no limit
     # Training: start the next epoch's workers (a second set) while this epoch runs, so an
     # epoch does not begin with an empty shuffle buffer and no decoded batch.
