@@ -56,6 +56,7 @@ bench: shards
 	$(PY) benchmarks/remote_speed.py
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/epoch_start.py
+	$(PY) benchmarks/worker_start.py
 	$(PY) benchmarks/extract_speed.py --shards $(DATA)
 	$(PY) benchmarks/vocab_coverage.py --shards $(DATA)
 

@@ -7,9 +7,11 @@ first starts (twice per run with the next-epoch lane), and once by the evaluatio
 Printed, per start method (fork as the reference, measured in the same run): seconds from
 creating the iterator to the first batch, for the first training epoch (workers start), the
 second (they persist) and the first evaluation pass; and the whole run's extra seconds
-against fork. Runs alternate between methods, ``--repeats`` times.
+against fork. Runs alternate between methods, ``--repeats`` times, in one process, as in a
+rank: the forkserver starts (and imports the pipeline) in the first run only, so its first
+row carries that one-off cost and later rows show what each further loader costs.
 
-    python benchmarks/worker_start.py [--shards data/emoji] [--workers 2] [--repeats 3]
+    python benchmarks/worker_start.py [--shards data/emoji] [--workers 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", default=str(REPO / "data" / "emoji"))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["fork", "spawn", "forkserver"])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -70,16 +71,16 @@ def main() -> None:
         for method in args.methods:
             results[method].append(one_run(args.shards, method, args.workers))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
-          f"{args.workers} workers, {args.shards}, median of {args.repeats}")
-    print("| start method | first batch, epoch 0 (s) | epoch 1 (s) | first eval batch (s) | extra per run vs fork (s) |")
-    print("|---|---|---|---|---|")
-    median = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    ref = median.get("fork")
-    for method, m in median.items():
-        # a run starts its training lane once (twice with the next-epoch lane) and its eval loader once
-        extra = (m["epoch0_s"] + m["eval_s"]) - (ref["epoch0_s"] + ref["eval_s"]) if ref else float("nan")
-        print(f"| {method} | {m['epoch0_s']:.2f} | {m['epoch1_s']:.2f} | {m['eval_s']:.2f} | {extra:+.2f} |")
-    print(json.dumps(median))
+          f"{args.workers} workers, {args.shards}")
+    print("| start method | run | first batch, epoch 0 (s) | epoch 1 (s) | first eval batch (s) | extra vs fork (s) |")
+    print("|---|---|---|---|---|---|")
+    for method, runs in results.items():
+        for i, m in enumerate(runs):
+            ref = results["fork"][i] if "fork" in results else None
+            # a run starts its training lane(s) once and its eval loader once
+            extra = (m["epoch0_s"] + m["eval_s"]) - (ref["epoch0_s"] + ref["eval_s"]) if ref else float("nan")
+            print(f"| {method} | {i + 1} | {m['epoch0_s']:.2f} | {m['epoch1_s']:.2f} | {m['eval_s']:.2f} | {extra:+.2f} |")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
