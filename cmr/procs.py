@@ -108,10 +108,16 @@ def end_with_launcher() -> None:
 
 class WorkerInit:
     """``worker_init_fn`` of a DataLoader: the worker ends with the rank that made the loader
-    (spawned: its parent; from a forkserver: a process it watches)."""
+    (spawned: its parent; from a forkserver: a process it watches), and sees the rank's
+    environment as it is now: a forkserver started earlier holds the environment of then
+    (credentials or an endpoint set since, e.g. for s3fs, would be missing)."""
 
     def __init__(self) -> None:
         self.owner = os.getpid()
+        self.environ = dict(os.environ)
 
     def __call__(self, _worker_id: int) -> None:
         die_with(self.owner)
+        if dict(os.environ) != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)

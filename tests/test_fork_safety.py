@@ -14,11 +14,13 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from cmr.config import from_dict
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.pipeline import DataConfig
 from cmr.data.source import DataError
+from cmr.procs import WorkerInit
 from tests.launch import REPO
 from tests.tiny_data import write_split
 
@@ -144,3 +146,21 @@ def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rounds done 8" in result.stdout
+
+
+class _EnvReader(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.environ.get("CMR_TEST_SET_LATER", "missing")
+
+
+def test_forkserver_workers_see_the_environment_of_now(monkeypatch):
+    """The forkserver is started once, with the environment of then; a worker must still see
+    what the rank set since (an s3 endpoint, credentials)."""
+    def read_env():
+        loader = torch.utils.data.DataLoader(_EnvReader(), batch_size=None, num_workers=1,
+                                             multiprocessing_context="forkserver", worker_init_fn=WorkerInit())
+        return list(loader)
+
+    read_env()  # the forkserver is running from here on
+    monkeypatch.setenv("CMR_TEST_SET_LATER", "now")
+    assert read_env() == ["now"]
