@@ -106,6 +106,16 @@ def end_with_launcher() -> None:
         die_with_parent()
 
 
+def serve(owner: int) -> None:
+    """Start of a helper process (pool ``initializer``): it ends with ``owner``, and leaves the
+    preemption signals to it. SLURM sends them to every process of a job step
+    (``--signal=USR1@N``, ``scancel --signal=USR1 --full``, preemption's SIGTERM): a worker
+    killed by one would turn the rank's checkpoint-and-requeue into a DataLoader error."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with(owner)
+
+
 class WorkerInit:
     """``worker_init_fn`` of a DataLoader: the worker ends with the rank that made the loader
     (spawned: its parent; from a forkserver: a process it watches), and sees the rank's
@@ -117,7 +127,7 @@ class WorkerInit:
         self.environ = dict(os.environ)
 
     def __call__(self, _worker_id: int) -> None:
-        die_with(self.owner)
+        serve(self.owner)
         if dict(os.environ) != self.environ:
             os.environ.clear()
             os.environ.update(self.environ)

@@ -28,7 +28,7 @@ import numpy as np
 
 from cmr.bleu import BleuBatch, check_smoothing, score_batch
 from cmr.config import ConfigError
-from cmr.procs import die_with
+from cmr.procs import serve
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,8 @@ class RewardPool:
         """Start all workers now (a ready check per worker), so the first batch and the
         pids are not left to lazy spawning."""
         context = multiprocessing.get_context(self.cfg.start_method)
-        # die_with: a worker whose rank was killed ends too, not blocks on its queue.
-        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context, initializer=die_with,
+        # serve: a worker whose rank was killed ends too, not blocks on its queue.
+        executor = ProcessPoolExecutor(self.cfg.num_workers, mp_context=context, initializer=serve,
                                        initargs=(os.getpid(),))
         ready = [executor.submit(_worker_ready) for _ in range(self.cfg.num_workers)]
         _, pending = wait(ready, timeout=self.cfg.start_timeout_s)
