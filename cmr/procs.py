@@ -70,5 +70,10 @@ def end_with_launcher() -> None:
 
 
 def worker_init(_worker_id: int | None = None) -> None:
-    """``worker_init_fn`` / pool ``initializer``: a worker ends with the process it serves."""
+    """``worker_init_fn`` / pool ``initializer``: a worker ends with the process it serves, and
+    leaves the preemption signals to it. SLURM sends them to every process of a job step
+    (``--signal=USR1@N``, ``scancel --signal=USR1 --full``, preemption's SIGTERM): a worker
+    killed by one would turn the rank's checkpoint-and-requeue into a DataLoader error."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent()

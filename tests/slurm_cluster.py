@@ -48,7 +48,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobRequeue=1
 ReturnToService=2
-MinJobAge=2
+MinJobAge=10
 KillWait=3
 SlurmdTimeout=10
 InactiveLimit=0
@@ -156,6 +156,12 @@ class SlurmCluster:
             return found.get("JobState") in states
         self._wait(in_state, timeout, f"job {job_id} in {states} (last {found.get('JobState')})")
         return found
+
+    def start_requeued_now(self, job_id: str, timeout: float = 120) -> None:
+        """SLURM holds a requeued job back for two minutes (its BeginTime, Reason=BeginTime):
+        once the job is back in the queue, make it eligible now, so a test need not wait."""
+        self._wait(lambda: self.job(job_id).get("Reason") == "BeginTime", timeout, f"job {job_id} requeued")
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def kill_slurmd(self, node: str) -> None:
         """A lost node: its slurmd dies (its tasks are the caller's to kill)."""

@@ -6,9 +6,11 @@ commands (scancel, scontrol), as a user and the scheduler would.
 """
 
 import os
+import time
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cmr.run_dir import RunDir
@@ -95,3 +97,70 @@ def test_two_nodes_train_to_the_end_with_the_losses_of_two_local_processes(clust
 
 def starts(run: Path) -> list[dict]:
     return [r for r in RunDir(run).read_launches() if r["event"] == "start"]
+
+
+def wait_for_step(cluster, job_id: str, run: Path, step: int, timeout: float = 240) -> int:
+    """Until the job has logged ``step``; returns the newest step logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and (logged := metrics(run)) and logged[-1]["step"] >= step:
+            return logged[-1]["step"]
+        state = cluster.job(job_id).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job_id} {state} before step {step}"
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach step {step} in {timeout} s")
+
+
+def test_usr1_from_slurm_checkpoints_requeues_the_same_job_and_resumes_bit_for_bit(cluster, shards, reference,
+                                                                                   tmp_path):
+    run = tmp_path / "run"
+    job_id, log = submit(cluster, shards, run)
+    signalled_after = wait_for_step(cluster, job_id, run, 5)
+    # As SLURM preempts: SIGUSR1 to every process of the job, the batch shell included.
+    cluster.run("scancel", "--signal=USR1", "--full", job_id)
+    cluster.start_requeued_now(job_id)
+    job = cluster.wait_job(job_id, ENDED)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED", text[-4000:]
+    assert job["Restarts"] == "1", text[-4000:]
+    first, second = starts(run)
+    assert (first["slurm_job_id"], first["slurm_restart_count"], first["resumed_from_step"]) == (job_id, 0, None)
+    # A checkpoint at the step after the signal, not the last periodic one (step 4).
+    assert (second["slurm_job_id"], second["slurm_restart_count"]) == (job_id, 1)
+    assert signalled_after < second["resumed_from_step"] <= signalled_after + 3, (signalled_after, second)
+    assert f"job {job_id} (restart 1) on 2 nodes" in text and f"SLURM job {job_id} restart 1" in text
+    assert f"requeued SLURM job {job_id}" in text
+    # One metrics.jsonl, one wandb run, the whole loss sequence of the uninterrupted run.
+    assert losses(metrics(run)) == losses(metrics(reference))
+    wandb_runs = {p.name.rsplit("-", 1)[1] for p in run.rglob("offline-run-*")}
+    assert wandb_runs == {RunDir(run).wandb_run_id()}
+
+
+def processes_of(job_id: str, run: Path) -> list[psutil.Process]:
+    """Every process on this machine that belongs to the job: SLURM_JOB_ID in its environment
+    (the batch shell, srun, launchers, ranks, their workers) or the run dir on its command line."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("SLURM_JOB_ID") == job_id or str(run) in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return [p for p in found if p.pid != os.getpid() and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_scancel_ends_the_job_and_leaves_no_process_of_it(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    job_id, log = submit(cluster, shards, run)
+    wait_for_step(cluster, job_id, run, 2)
+    assert len([p for p in processes_of(job_id, run) if "train.py" in " ".join(p.cmdline())]) >= 2
+    cluster.run("scancel", job_id)
+    job = cluster.wait_job(job_id, ENDED, timeout=60)
+    assert job["JobState"] == "CANCELLED", log.read_text()[-3000:]
+    deadline = time.time() + 30  # KillWait (3 s), then SIGKILL; zombies reaped
+    while (left := processes_of(job_id, run)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, [(p.pid, " ".join(p.cmdline())[:200]) for p in left]
+    cluster.wait_idle()
+    time.sleep(5)  # not requeued by the trainer's SIGTERM path: cancelled (or purged), not pending
+    assert cluster.job(job_id).get("JobState", "purged") in ("CANCELLED", "purged")
