@@ -169,6 +169,10 @@ class SlurmCluster:
         process.kill()
         process.wait()
 
+    def start_slurmd(self, node: str) -> None:
+        """A lost node comes back (ReturnToService=2 makes it usable again)."""
+        self._spawn(f"slurmd-{node}", [daemon("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+
     def logs(self) -> str:
         parts = []
         for path in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stdout")):

@@ -164,3 +164,31 @@ def test_scancel_ends_the_job_and_leaves_no_process_of_it(cluster, shards, tmp_p
     cluster.wait_idle()
     time.sleep(5)  # not requeued by the trainer's SIGTERM path: cancelled (or purged), not pending
     assert cluster.job(job_id).get("JobState", "purged") in ("CANCELLED", "purged")
+
+
+def test_a_lost_node_fails_the_other_within_the_collective_timeout_naming_its_rank(cluster, shards, tmp_path):
+    run, timeout = tmp_path / "run", 20
+    job_id, log = submit(cluster, shards, run, f"train.collective_timeout_s={timeout}")
+    wait_for_step(cluster, job_id, run, 3)
+    # Node 2 is lost: its slurmd, its step daemon and every task process on it, at once.
+    on_node2 = [p for p in processes_of(job_id, run) if p.environ().get("SLURMD_NODENAME") == "node2"]
+    stepds = {p.parent() for p in on_node2 if p.parent() and "slurmstepd" in p.parent().name()}
+    lost_at = time.time()
+    try:
+        cluster.kill_slurmd("node2")
+        for p in [*stepds, *on_node2]:
+            p.kill()
+        job = cluster.wait_job(job_id, ENDED + ("PENDING", "REQUEUED"), timeout=timeout + 90)
+        failed_after = time.time() - lost_at
+        text = log.read_text()
+        assert "rank 1 (pid" in text and "stopped responding" in text, text[-4000:]
+        assert f"train.collective_timeout_s={timeout}" in text
+        assert failed_after < timeout + 60, failed_after
+        # SLURM says why: the node failed (and --requeue puts the job back) or the step failed.
+        assert job["JobState"] in ("NODE_FAIL", "FAILED", "PENDING", "REQUEUED"), job
+        reason = cluster.run("scontrol", "show", "node", "node2").stdout
+        assert "Not responding" in reason or "DOWN" in reason or job["JobState"] == "FAILED", reason
+    finally:
+        cluster.run("scancel", job_id, check=False)
+        cluster.start_slurmd("node2")
+        cluster.wait_idle(90)
