@@ -6,8 +6,8 @@ commands (scancel, scontrol), as a user and the scheduler would.
 """
 
 import os
-import time
 import sys
+import time
 from pathlib import Path
 
 import psutil
