@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= data/emoji
 
-.PHONY: install demo test test-fast shards features bench clean
+.PHONY: install slurm demo test test-fast shards features bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,18 @@ demo: features
 	    --query "smiling cat face" --query "red heart" --query "airplane"
 	@echo "search grid: $(RUN)/search.png   metrics: $(RUN)/eval/test.json   wandb (offline): $(RUN)/wandb"
 
-test: $(STAMP)
+# SLURM and munge for tests/test_slurm.py (a real two-node cluster on this machine, started by
+# tests/slurm_cluster.py): installed with apt-get when missing and we are root; otherwise
+# those tests skip and say why.
+slurm:
+	@if ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge \
+	      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }; \
+	  else echo "slurm-wlm/munge not installed and not root with apt-get: the SLURM tests will skip"; fi; \
+	fi
+
+test: $(STAMP) slurm
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -29,6 +29,7 @@ EXPECTED = {
     "deepspeed_zero1": (DistributedType.DEEPSPEED, 8, 1, None, "zero1.json"),
     "deepspeed_zero2": (DistributedType.DEEPSPEED, 8, 1, None, "zero2.json"),
     "multinode": (DistributedType.MULTI_GPU, 16, 2, "bf16", None),
+    "multinode_cpu": (DistributedType.MULTI_GPU, 2, 2, "no", None),
     "cpu_2proc": (DistributedType.MULTI_GPU, 2, 1, "no", None),
     "cpu_deepspeed_zero1": (DistributedType.DEEPSPEED, 2, 1, None, "zero1.json"),
     "cpu_deepspeed_zero2": (DistributedType.DEEPSPEED, 2, 1, None, "zero2.json"),
@@ -160,11 +161,13 @@ def test_sbatch_is_valid_bash_with_the_required_directives():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     directives = [line.split(None, 1)[1] for line in SBATCH.read_text().splitlines()
                   if line.startswith("#SBATCH ")]
-    for required in ("--ntasks-per-node=1", "--gpus-per-node=8", "--signal=USR1@120", "--requeue",
+    for required in ("--ntasks-per-node=1", "--exclusive", "--signal=USR1@120", "--requeue",
                      "--open-mode=append", "--output=logs/%x-%j.out"):
         assert required in directives, required
-    for prefix in ("--nodes=", "--cpus-per-task=", "--time="):
+    for prefix in ("--nodes=", "--time="):
         assert any(d.startswith(prefix) for d in directives), prefix
+    # Per-cluster counts come from the allocation, not from the script.
+    assert not any(d.startswith(("--gpus", "--cpus-per-task")) for d in directives), directives
 
 
 def write_executable(path: Path, text: str) -> None:
@@ -178,6 +181,8 @@ def write_executable(path: Path, text: str) -> None:
 # tests/test_preemption.py).
 FAKE_SCONTROL = """#!/bin/bash
 [ "$1 $2" = "show hostnames" ] && printf 'gpu-a17\\ngpu-a18\\n'
+[ "$1 $2 $3" = "show node gpu-a17" ] && echo 'NodeName=gpu-a17 Arch=x86_64 NodeAddr=10.1.0.17 NodeHostName=gpu-a17'
+exit 0
 """
 FAKE_SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
@@ -186,22 +191,38 @@ for node in 0 1; do SLURM_NODEID=$node "$@" || exit 1; done
 FAKE_ACCELERATE = f"""#!{sys.executable}
 import json, os, signal, sys
 ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+env = {{k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")}}
 with open(os.environ["RECORD"], "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "usr1_ignored": ignored}}) + "\\n")
+    f.write(json.dumps({{"argv": sys.argv[1:], "usr1_ignored": ignored, "env": env}}) + "\\n")
 """
 
+# What SLURM sets in the batch script: 4 GPUs and 64 CPUs granted per node, or a CPU partition.
+GPU_NODES = {"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "64"}
+CPU_NODES = {"SLURM_CPUS_ON_NODE": "8", "CMR_PROCS_PER_NODE": "2"}
+SBATCH_CASES = [
+    {"id": "4gpu-nodes", "env": GPU_NODES, "config": "multinode.yaml", "num_processes": "8",
+     "use_cpu": None, "omp": "16"},
+    {"id": "typed-gpus", "env": {"SLURM_GPUS_PER_NODE": "a100:4", "SLURM_CPUS_ON_NODE": "64"},
+     "config": "multinode.yaml", "num_processes": "8", "use_cpu": None, "omp": "16"},
+    {"id": "cpu-partition", "env": CPU_NODES, "config": "multinode_cpu.yaml", "num_processes": "4",
+     "use_cpu": "1", "omp": "4"},
+    {"id": "cpu-default-1proc", "env": {"SLURM_CPUS_ON_NODE": "8"}, "config": "multinode_cpu.yaml",
+     "num_processes": "2", "use_cpu": "1", "omp": "8"},
+]
 
-def test_sbatch_starts_one_launcher_per_node_with_its_rank_and_usr1_ignored(tmp_path):
+
+@pytest.mark.parametrize("case", SBATCH_CASES, ids=[c["id"] for c in SBATCH_CASES])
+def test_sbatch_starts_one_launcher_per_node_with_its_rank_and_usr1_ignored(case, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     write_executable(bin_dir / "srun", FAKE_SRUN)
     write_executable(bin_dir / "accelerate", FAKE_ACCELERATE)
     record = tmp_path / "launches.jsonl"
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record),
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CMR_", "ACCELERATE_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record),
                SLURM_JOB_ID="4242", SLURM_JOB_NAME="coco-lim", SLURM_JOB_NODELIST="gpu-a[17-18]",
-               SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="0",
-               SLURM_CPUS_PER_TASK="64")
+               SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="0", **case["env"])
     result = subprocess.run(["bash", str(SBATCH), "--config", "configs/coco_karpathy.yaml",
                              "--set", "train.lr=0.0002"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
@@ -214,10 +235,11 @@ def test_sbatch_starts_one_launcher_per_node_with_its_rank_and_usr1_ignored(tmp_
         assert argv[0] == "launch"
         options = dict(zip(argv[1:-9:2], argv[2:-9:2]))  # the launcher's --flag value pairs
         assert options == {
-            "--config_file": "configs/accelerate/multinode.yaml", "--num_machines": "2",
-            "--machine_rank": str(node_rank), "--main_process_ip": "gpu-a17",
-            "--main_process_port": str(20000 + 4242), "--num_processes": "16",
+            "--config_file": f"configs/accelerate/{case['config']}", "--num_machines": "2",
+            "--machine_rank": str(node_rank), "--main_process_ip": "10.1.0.17",
+            "--main_process_port": str(20000 + 4242), "--num_processes": case["num_processes"],
         }
+        assert launch["env"] == {"ACCELERATE_USE_CPU": case["use_cpu"], "OMP_NUM_THREADS": case["omp"]}
         assert argv[-9:] == ["launch/train.py", "--run-dir", "runs/coco-lim", "--resume", "auto",
                              "--config", "configs/coco_karpathy.yaml", "--set", "train.lr=0.0002"]
         assert launch["usr1_ignored"], "the launcher must ignore SIGUSR1 (see the sbatch)"
