@@ -14,13 +14,11 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from cmr.config import from_dict
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.pipeline import DataConfig
 from cmr.data.source import DataError
-from cmr.procs import WorkerInit
 from tests.launch import REPO
 from tests.tiny_data import write_split
 
@@ -143,24 +141,39 @@ def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
     script.write_text(CHURN)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script), str(dataset), "8"], env=env, capture_output=True,
-                            text=True, timeout=240)
+                            text=True, timeout=420)  # ~35 s on a loaded 2-core machine; a hang ends here
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rounds done 8" in result.stdout
 
 
-class _EnvReader(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        yield os.environ.get("CMR_TEST_SET_LATER", "missing")
+ENV_READER = textwrap.dedent("""
+    import os
+    import torch
+    from cmr.procs import WorkerInit
 
+    class EnvReader(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield os.environ.get("CMR_TEST_SET_LATER", "missing")
 
-def test_forkserver_workers_see_the_environment_of_now(monkeypatch):
-    """The forkserver is started once, with the environment of then; a worker must still see
-    what the rank set since (an s3 endpoint, credentials)."""
     def read_env():
-        loader = torch.utils.data.DataLoader(_EnvReader(), batch_size=None, num_workers=1,
+        loader = torch.utils.data.DataLoader(EnvReader(), batch_size=None, num_workers=1,
                                              multiprocessing_context="forkserver", worker_init_fn=WorkerInit())
         return list(loader)
 
-    read_env()  # the forkserver is running from here on
-    monkeypatch.setenv("CMR_TEST_SET_LATER", "now")
-    assert read_env() == ["now"]
+    if __name__ == "__main__":
+        read_env()  # the forkserver is running from here on, with the environment of now
+        os.environ["CMR_TEST_SET_LATER"] = "now"
+        print("worker saw", read_env())
+""")
+
+
+def test_forkserver_workers_see_the_environment_of_now(tmp_path):
+    """The forkserver is started once, with the environment of then; a worker must still see
+    what the rank set since (an s3 endpoint, credentials). In a fresh interpreter: a forkserver
+    that another test started (from another directory) could not import this script."""
+    script = tmp_path / "env_reader.py"
+    script.write_text(ENV_READER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "worker saw ['now']" in result.stdout
