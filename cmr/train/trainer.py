@@ -207,6 +207,7 @@ class Trainer:
                 if not stepped:
                     continue
                 self.global_step += 1
+                self._sync_buffers()
                 if self.global_step % self.cfg.train.logging.every_n_steps == 0:
                     self.log()
                 if preempted:
@@ -219,7 +220,6 @@ class Trainer:
                 if every and self.global_step % every == 0 and not self.nonfinite_in_row:
                     self.save()
             self.epoch += 1
-            self._sync_buffers()  # every rank evaluates, and the next stage freezes, one model
             every = self.cfg.eval.every_n_epochs
             if every and self.epoch % every == 0:
                 self.evaluate()
@@ -350,19 +350,22 @@ class Trainer:
 
     def _sync_buffers(self) -> None:
         """BatchNorm running statistics are updated by each rank from its own batches (DDP
-        re-broadcasts rank 0's at the next forward, DeepSpeed never): average them at fixed
-        points (epoch ends, scheduled saves), so every rank and the checkpoint hold one and the
-        same model. Never at a preemption: a save the uninterrupted run does not make must not
-        change the model it goes on with, or the resumed run would drift from it."""
+        re-broadcasts rank 0's at the next forward, DeepSpeed never): average them after every
+        optimizer step (one all-reduce per dtype), so every rank, every evaluation and every
+        checkpoint, a preemption's included, hold one and the same model, and a resumed run
+        goes on exactly as the uninterrupted one."""
         if self.accelerator.num_processes == 1:
             return
-        for buffer in self.accelerator.unwrap_model(self.model).buffers():
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in self.raw_model.buffers():
             if buffer.is_floating_point():
-                buffer.copy_(self.accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+                by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for buffers in by_dtype.values():
+            flat = self.accelerator.reduce(torch.cat([b.detach().reshape(-1) for b in buffers]), reduction="mean")
+            for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                buffer.copy_(value.view_as(buffer))
 
-    def save(self, sync_buffers: bool = True) -> Path:
-        if sync_buffers:
-            self._sync_buffers()
+    def save(self) -> Path:
         files = {VOCAB_NAME: json.dumps(self.vocab.to_dict()), CONFIG_NAME: self.run.config_path.read_text()
                  if self.run.config_path.exists() else ""}
         return self.checkpointer.save(self.global_step, self.state_dict(), files)
@@ -377,7 +380,7 @@ class Trainer:
         self.accelerator.print(f"resumed from {path} at step {self.global_step}, epoch {self.epoch}")
 
     def _preempt(self) -> str:
-        path = self.save(sync_buffers=False)  # rank 0's buffers; DDP broadcasts them on resume
+        path = self.save()
         message = requeue_slurm_job() if self.accelerator.is_main_process else ""
         self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}; {message}")
         return "preempted"
