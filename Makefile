@@ -56,7 +56,7 @@ slurm:
 	fi
 
 test: $(STAMP) slurm
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed"

@@ -141,9 +141,42 @@ def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
     script.write_text(CHURN)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script), str(dataset), "8"], env=env, capture_output=True,
-                            text=True, timeout=420)  # ~35 s on a loaded 2-core machine; a hang ends here
+                            text=True, timeout=240)  # ~20 s here, ~35 s on a loaded machine; a hang ends here
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rounds done 8" in result.stdout
+
+
+EXIT_HOLDING = textwrap.dedent("""
+    import os, sys
+    from cmr.config import from_dict
+    from cmr.data.loader import build_loader, build_vocabulary
+    from cmr.data.pipeline import DataConfig
+
+    if __name__ == "__main__":
+        cfg = from_dict(DataConfig, {"shards": sys.argv[1], "batch_size": 4, "num_workers": 2,
+                                     "shuffle_buffer": 8, "image": {"size": 16}})
+        loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
+        loader.set_epoch(0)
+        batches = iter(loader)
+        next(batches)  # mid-epoch, workers busy; the loader stays referenced until exit
+        print("workers", *[w.pid for w in loader._lanes[0].loader._iterator._workers], flush=True)
+""")
+
+
+def test_a_process_that_exits_holding_a_busy_loader_ends_with_its_workers(dataset, tmp_path):
+    """A loader still referenced at exit (a global; a traceback's frames after an error):
+    multiprocessing's exit handler sends its workers SIGTERM, which they ignore (SLURM's), and
+    joins them; without the loader's own exit handler that wait never ends."""
+    script = tmp_path / "exit_holding.py"
+    script.write_text(EXIT_HOLDING)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(dataset)], env=env, capture_output=True,
+                            text=True, timeout=180)  # ~11 s here; it hung every time without the handler
+    assert result.returncode == 0, result.stderr[-3000:]
+    workers = [int(pid) for pid in result.stdout.split("workers", 1)[1].split()]
+    assert len(workers) == 2
+    time.sleep(0.5)
+    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 
 ENV_READER = textwrap.dedent("""

@@ -124,6 +124,9 @@ def test_usr1_from_slurm_checkpoints_requeues_the_same_job_and_resumes_bit_for_b
     assert job["JobState"] == "COMPLETED", text[-4000:]
     assert job["Restarts"] == "1", text[-4000:]
     first, second = starts(run)
+    # The preempted launch recorded its end before asking for the requeue that kills it.
+    ends = [r["outcome"] for r in RunDir(run).read_launches() if r["event"] == "end"]
+    assert ends == ["preempted", "done"], RunDir(run).read_launches()
     assert (first["slurm_job_id"], first["slurm_restart_count"], first["resumed_from_step"]) == (job_id, 0, None)
     # A checkpoint at the step after the signal, not the last periodic one (step 4).
     assert (second["slurm_job_id"], second["slurm_restart_count"]) == (job_id, 1)

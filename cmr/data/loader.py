@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +59,13 @@ class StreamingLoader:
         self._lanes: list[_Lane] = [_Lane(dataset)] + ([_Lane(dataset.copy())] if lookahead else [])
         self._lane = 0  # the lane that serves the current epoch
         self._ahead: tuple[int, Iterator[Batch]] | None = None  # (epoch, its started iterator)
+
+    def close(self) -> None:
+        """Stop this loader's workers now (they persist across epochs). Also done at exit for
+        every loader still open, before multiprocessing would wait on them forever."""
+        self._ahead = None
+        for lane in self._lanes:
+            lane.close()
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -184,7 +193,36 @@ class _Lane:
         self.dataset.epoch = epoch
         self.dataset.skip_windows = dict(enumerate(windows_done))
         self.dataset.worker_offset = sum(windows_done) % self.dataset.num_loader_workers
+        if self.dataset.cfg.num_workers:
+            _open_lanes.add(self)
         return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the workers: the done signal, a few seconds to finish, then SIGKILL. Not
+        SIGTERM: workers ignore it (``procs.serve``), it is SLURM's to the whole job step, and
+        multiprocessing's exit handler, which sends it and then joins, would wait forever."""
+        iterator, self.loader._iterator = self.loader._iterator, None  # the persistent workers' iterator
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+            return
+        iterator._shutdown_workers()  # done event, joins each worker for up to 5 s
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        _open_lanes.discard(self)
+
+
+# Lanes whose workers may be running. Registered after multiprocessing's own exit handler
+# (torch imports it first), so this runs before it: a loader still referenced at exit (a
+# global, a traceback's frame after an error) must not leave the interpreter joining workers
+# that ignore SIGTERM.
+_open_lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_lanes() -> None:
+    for lane in list(_open_lanes):
+        lane.close()
 
 
 def _named_worker_failures(batches: Iterator[Batch], cfg: DataConfig) -> Iterator[Batch]:

@@ -56,6 +56,7 @@ class Trainer:
         acc = self.accelerator
         self.run = RunDir(self.run_dir)
         self.lock = self._claim_run_dir()  # before anything in the run dir is written
+        self._end_recorded = False
         self.heartbeat = Heartbeat(acc.process_index, acc.num_processes,
                                    interval_s=min(5.0, max(0.5, tcfg.collective_timeout_s / 10))).start()
         self.checkpointer = Checkpointer(acc, self.run_dir, tcfg.checkpoint)
@@ -176,12 +177,22 @@ class Trainer:
         finally:
             self.heartbeat.stop()
             self.metrics.close()
+            for loader in (self.loader, self.eval_loader):
+                if loader is not None:
+                    loader.close()
             if self.reward_pool is not None:
                 self.reward_pool.close()
             if self.lock is not None:
-                self.run.record_launch("end", outcome=outcome, step=self.global_step,
-                              steps_run=self.global_step - self.start_step)
+                self._record_end(outcome)
                 self.lock.release()
+
+    def _record_end(self, outcome: str) -> None:
+        """Rank 0's "end" record of this launch, once: at a preemption before the requeue (which
+        has SLURM kill the job's processes), else when the schedule ends or fails."""
+        if self.lock is not None and not self._end_recorded:
+            self._end_recorded = True
+            self.run.record_launch("end", outcome=outcome, step=self.global_step,
+                                   steps_run=self.global_step - self.start_step)
 
     def _explain_collective_failure(self, err: RuntimeError) -> RuntimeError:
         """A collective that timed out or lost its peer: name the rank that went silent."""
@@ -381,6 +392,7 @@ class Trainer:
 
     def _preempt(self) -> str:
         path = self.save()
+        self._record_end("preempted")
         message = requeue_slurm_job() if self.accelerator.is_main_process else ""
         self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}; {message}")
         return "preempted"
