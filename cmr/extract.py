@@ -38,6 +38,7 @@ from cmr.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file, w
 from cmr.procs import WorkerInit
 from cmr.data.remote import is_url, redact
 from cmr.data.source import DataError, ShardSet, open_split
+from cmr.dist import process_state
 from cmr.data.tario import IMAGE_EXTENSIONS, iter_tar_samples
 from cmr.data.transforms import ImageTransformConfig, eval_transform, normalize
 from cmr.models.backbones import BACKBONES, backbone_spec
@@ -344,18 +345,6 @@ def _loader(items: list[WorkItem], cfg: ExtractConfig, transform: ImageTransform
                       multiprocessing_context="spawn" if workers else None,
                       worker_init_fn=WorkerInit() if workers else None,
                       timeout=600 if workers else 0)
-
-
-def process_state(timeout_s: float = 600.0):
-    """accelerate's view of the processes; gloo on CPU (else each rank silently runs alone)."""
-    import datetime
-
-    from accelerate import PartialState
-
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = {"backend": "gloo"} if cpu and launched else {}
-    return PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
 def run_extraction(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:

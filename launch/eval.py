@@ -13,16 +13,15 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from cmr.config import ConfigError
 from cmr.data.loader import build_loader
 from cmr.data.source import DataError
+from cmr.dist import process_state
 from cmr.eval.load import load_run_model
 from cmr.eval.run import evaluate_loader, format_table, with_shards
 from cmr.procs import end_with_launcher
 from cmr.run_dir import RunDir, RunDirError
-from cmr.train.parallel import cpu_requested
 
 
 def main() -> int:
@@ -35,7 +34,7 @@ def main() -> int:
     parser.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1/5 of the images")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args()
-    state = PartialState(cpu=cpu_requested())  # else N CPU ranks each evaluate alone
+    state = process_state()  # N CPU ranks over gloo, not each alone
     try:
         run = RunDir(args.run_dir)
         model, vocab, cfg, checkpoint = load_run_model(run, args.checkpoint)

@@ -147,7 +147,7 @@ def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
 
 
 EXIT_HOLDING = textwrap.dedent("""
-    import os, sys
+    import gc, os, signal, sys
     from cmr.config import from_dict
     from cmr.data.loader import build_loader, build_vocabulary
     from cmr.data.pipeline import DataConfig
@@ -158,20 +158,29 @@ EXIT_HOLDING = textwrap.dedent("""
         loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
         loader.set_epoch(0)
         batches = iter(loader)
-        next(batches)  # mid-epoch, workers busy; the loader stays referenced until exit
-        print("workers", *[w.pid for w in loader._lanes[0].loader._iterator._workers], flush=True)
+        next(batches)  # mid-epoch, workers busy
+        workers = [w.pid for w in loader._lanes[0].loader._iterator._workers]
+        print("workers", *workers, flush=True)
+        if sys.argv[2] == "stuck-and-dropped":  # workers that never take their done signal
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            del batches, loader  # torch joins them 5 s each, then sends SIGTERM, in vain
+            gc.collect()
+        # else: "held", the loader stays referenced until exit
 """)
 
 
-def test_a_process_that_exits_holding_a_busy_loader_ends_with_its_workers(dataset, tmp_path):
-    """A loader still referenced at exit (a global; a traceback's frames after an error):
-    multiprocessing's exit handler sends its workers SIGTERM, which they ignore (SLURM's), and
-    joins them; without the loader's own exit handler that wait never ends."""
+@pytest.mark.parametrize("case", ["held", "stuck-and-dropped"])
+def test_a_process_that_exits_holding_a_busy_loader_ends_with_its_workers(dataset, tmp_path, case):
+    """A loader still referenced at exit (a global; a traceback's frames after an error), or
+    dropped while its workers were stuck: multiprocessing's exit handler sends them SIGTERM,
+    which they ignore (SLURM's), and joins them; without the loader's own exit handler that
+    wait never ends."""
     script = tmp_path / "exit_holding.py"
     script.write_text(EXIT_HOLDING)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(dataset)], env=env, capture_output=True,
-                            text=True, timeout=180)  # ~11 s here; it hung every time without the handler
+    result = subprocess.run([sys.executable, str(script), str(dataset), case], env=env, capture_output=True,
+                            text=True, timeout=180)  # ~11-21 s here; it hung every time without the handler
     assert result.returncode == 0, result.stderr[-3000:]
     workers = [int(pid) for pid in result.stdout.split("workers", 1)[1].split()]
     assert len(workers) == 2

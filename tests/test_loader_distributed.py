@@ -29,10 +29,17 @@ def check(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def test_two_ranks_two_workers_exactly_once_and_equal_batches(shards, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def full(shards, tmp_path_factory):
+    """2 ranks x 2 workers, 2 epochs from the local directory, uninterrupted: what the other
+    runs are compared with."""
+    out = tmp_path_factory.mktemp("full") / "run"
     check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(out), "--epochs", "2"))
-    ranks = [load(out, r) for r in range(2)]
+    return out
+
+
+def test_two_ranks_two_workers_exactly_once_and_equal_batches(full):
+    ranks = [load(full, r) for r in range(2)]
     assert {r["world"] for r in ranks} == {2}
     for epoch in ("0", "1"):
         steps = [r["epochs"][epoch]["steps"] for r in ranks]
@@ -45,9 +52,8 @@ def test_two_ranks_two_workers_exactly_once_and_equal_batches(shards, tmp_path):
     assert ranks[0]["epochs"]["0"]["ids"] != ranks[0]["epochs"]["1"]["ids"]
 
 
-def test_resume_mid_epoch_gets_exactly_the_rest(shards, tmp_path):
-    full, part, rest = tmp_path / "full", tmp_path / "part", tmp_path / "rest"
-    check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(full), "--epochs", "2"))
+def test_resume_mid_epoch_gets_exactly_the_rest(shards, full, tmp_path):
+    part, rest = tmp_path / "part", tmp_path / "rest"
     check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(part), "--epochs", "2",
                             "--stop-after", "3"))
     check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(rest), "--epochs", "2",
@@ -60,11 +66,10 @@ def test_resume_mid_epoch_gets_exactly_the_rest(shards, tmp_path):
         assert head + tail == whole
 
 
-def test_shards_over_http_give_the_same_batches_bit_for_bit(shards, tmp_path):
+def test_shards_over_http_give_the_same_batches_bit_for_bit(shards, full, tmp_path):
     """2 processes x 2 workers over 2 epochs from a real HTTP server: the batches of the
     local directory, byte for byte, every sample once."""
-    local, remote = tmp_path / "local", tmp_path / "http"
-    check(accelerate_launch(WORKER, "--shards", str(shards), "--out", str(local), "--epochs", "2"))
+    remote = tmp_path / "http"
     with ShardServer(shards) as server:
         # Three connections cut on the way (fewer than data.max_retries: nothing is lost).
         drops = server.faults.drop_after(5000, path="train/*.tar", p=0.5, seed=3, times=3)
@@ -73,4 +78,4 @@ def test_shards_over_http_give_the_same_batches_bit_for_bit(shards, tmp_path):
     assert len(tars) == len(list((shards / "train").glob("*.tar")))  # it really read over http
     assert drops.applied == 3
     for rank in range(2):
-        assert load(remote, rank)["epochs"] == load(local, rank)["epochs"]
+        assert load(remote, rank)["epochs"] == load(full, rank)["epochs"]

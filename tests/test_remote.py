@@ -6,10 +6,12 @@ Every server is real and listens on 127.0.0.1 only (tests/servers.py)."""
 from __future__ import annotations
 
 import json
+import time
 import shutil
 import tarfile
 from collections import Counter
 
+import psutil
 import pytest
 import torch
 
@@ -117,6 +119,33 @@ def test_http_gives_the_same_batches_as_the_local_directory(local, server):
         assert max(seen.values()) == 1 and len(seen) == NUM_TRAIN - NUM_TRAIN % 8
     got = epoch_batches(cfg, vocab, 0, split="val", mode="eval")
     assert_same(got, epoch_batches(local_cfg, vocab, 0, split="val", mode="eval"))
+
+
+def tar_gets(server) -> list[str]:
+    return [path for method, path in server.requests if method == "GET" and path.endswith(".tar")]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_shard_is_opened_while_the_current_one_is_read(local, server, ahead):
+    """data.open_ahead: once a shard's first sample is in, the next shard's transfer starts
+    (its connection and first bytes are not waited for); off, each shard is asked for only when
+    reached. Either way every shard is read once and no transfer is left behind."""
+    cfg = make_cfg(server.url, open_ahead=ahead, shuffle_buffer=0)  # batches of 4 from shards of 6
+    loader = build_loader(cfg, local[1], split="train", mode="train")
+    loader.set_epoch(0)
+    batches = iter(loader)
+    before = len(tar_gets(server))
+    next(batches)  # within the first shard
+    deadline = time.time() + (10 if ahead else 1)
+    while len(tar_gets(server)) - before < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(tar_gets(server)) - before == (2 if ahead else 1)
+    rest = list(batches)
+    assert sum(b.size for b in rest) + 4 == NUM_TRAIN - NUM_TRAIN % 4
+    requested = tar_gets(server)[before:]
+    assert sorted(requested) == sorted(set(requested)) and len(requested) == -(-NUM_TRAIN // SHARD)
+    curls = [p for p in psutil.Process().children(recursive=True) if p.name() == "curl"]
+    assert not [p for p in curls if p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_a_mid_epoch_resume_over_http_gives_exactly_the_rest(local, server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler registers first, so ours runs before it
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -213,7 +214,7 @@ class _Lane:
 
 
 # Lanes whose workers may be running. Registered after multiprocessing's own exit handler
-# (torch imports it first), so this runs before it: a loader still referenced at exit (a
+# (imported above), so this runs before it: a loader still referenced at exit (a
 # global, a traceback's frame after an error) must not leave the interpreter joining workers
 # that ignore SIGTERM.
 _open_lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
@@ -223,6 +224,11 @@ _open_lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
 def _close_open_lanes() -> None:
     for lane in list(_open_lanes):
         lane.close()
+    # A worker of a loader collected earlier that never took its done signal (stuck on a dead
+    # mount): torch sent it SIGTERM, in vain. Daemonic children end with their parent anyway.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _named_worker_failures(batches: Iterator[Batch], cfg: DataConfig) -> Iterator[Batch]:

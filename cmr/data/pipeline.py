@@ -77,6 +77,9 @@ class DataConfig:
     max_retries: int = 3  # reopen a remote shard this often after a reset, stall or 5xx
     retry_backoff_s: float = 1.0  # first wait before a retry; doubles with each
     io_timeout_s: float = 60.0  # connect timeout, and the longest a transfer may stall
+    # Each worker starts the transfer of its next http(s) shard while it reads the current one,
+    # so a shard's connection and first bytes are not waited for (one extra connection per worker).
+    open_ahead: bool = True
     image: ImageTransformConfig = dataclasses.field(default_factory=ImageTransformConfig)
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
 
@@ -124,7 +127,7 @@ class DataConfig:
     def opener(self) -> Opener:
         """How this config's shards are opened (picklable: DataLoader workers carry it)."""
         return Opener(allow_pipe=self.allow_pipe, max_retries=self.max_retries,
-                      retry_backoff_s=self.retry_backoff_s, timeout_s=self.io_timeout_s)
+                      retry_backoff_s=self.retry_backoff_s, timeout_s=self.io_timeout_s, ahead=self.open_ahead)
 
     def open_split(self, split: str) -> ShardSet:
         """The shards of ``split`` (sizes from ``shard_sizes`` only for manifest-less shards)."""
@@ -271,9 +274,11 @@ class ShardStream(IterableDataset):
         else:
             slot = self.plan().slot(self.rank, worker)
             num_batches = slot.num_batches
+            locations = [paths[p.shard] for p in slot.pieces]
             raw = itertools.chain.from_iterable(
-                _named(read_piece(paths[p.shard], p.start, p.stop, opener), names[p.shard])
-                for p in slot.pieces
+                _named(_reading_ahead(read_piece(locations[k], p.start, p.stop, opener), locations[k + 1:k + 2],
+                                      opener), names[p.shard])
+                for k, p in enumerate(slot.pieces)
             )
         if self.mode == "train" and self.cfg.shuffle_buffer:
             rng = random.Random(stable_seed("buffer", self.cfg.seed, self.epoch, self.rank, worker))
@@ -353,6 +358,14 @@ class ShardStream(IterableDataset):
         tokens = rng.choice(all_tokens) if self.mode == "train" else all_tokens[0]
         return Sample(key=key, source_id=source_id, pixels=pixels, features=features, tokens=tokens,
                       all_tokens=all_tokens, labels=labels)
+
+
+def _reading_ahead(samples: Iterator, following: list, opener: Opener) -> Iterator:
+    """``samples`` of one piece; once its first sample is in, the next piece's shard is opened ahead."""
+    for index, sample in enumerate(samples):
+        if index == 0 and following:
+            opener.open_ahead(following[0])
+        yield sample
 
 
 def _named(samples: Iterator, shard_name: str) -> Iterator:

@@ -153,10 +153,15 @@ class Opener:
     max_retries: int = 3  # further attempts after a transient failure (reset, timeout, 5xx)
     retry_backoff_s: float = 1.0  # doubles with every attempt
     timeout_s: float = 60.0  # to connect, and the longest a transfer may stall
+    ahead: bool = True  # open_ahead() starts transfers (data.open_ahead)
 
     def open(self, location: Location) -> BinaryIO:
-        """A readable binary stream; errors are ``RemoteError`` (or ``FileNotFoundError``)."""
+        """A readable binary stream; errors are ``RemoteError`` (or ``FileNotFoundError``).
+        The stream :meth:`open_ahead` started for ``location``, if there is one."""
         text = str(location)
+        ahead = _AHEAD.pop(text, None)
+        if ahead is not None:
+            return ahead
         if not is_remote(location):
             return open(local_path(location), "rb")
         if text.startswith("pipe:"):
@@ -168,6 +173,22 @@ class Opener:
         if scheme in ("http", "https"):
             return _CurlStream(text, self.timeout_s)
         return _open_fsspec(text)
+
+    def open_ahead(self, location: Location) -> None:
+        """Start the transfer of the shard to be read next, so its connection and first bytes
+        are ready when the reader gets to it (a worker reads shards one after another; each
+        http open costs a curl start and a round trip, an object store's first byte 10-100 ms).
+        http(s) only: curl connects in its own process and fills its pipe, then waits. One
+        stream ahead at a time; one not taken is closed when the next is started."""
+        text = str(location)
+        if not self.ahead or text in _AHEAD or urlsplit(text).scheme not in ("http", "https"):
+            return
+        for stale in list(_AHEAD):
+            close_quietly(_AHEAD.pop(stale))
+        try:
+            _AHEAD[text] = self.open(location)
+        except (RemoteError, OSError):
+            pass  # the reader's own open meets the error, with its retries
 
     def read_bytes(self, location: Location) -> bytes:
         """The whole of a small object (a manifest, a stats file), with retries."""
@@ -207,6 +228,8 @@ class Opener:
 
 
 LOCAL = Opener()
+# This process's streams opened ahead (Opener.open_ahead), by location.
+_AHEAD: dict[str, BinaryIO] = {}
 
 
 def _http_stamp(url: str, timeout_s: float) -> str:

@@ -9,7 +9,6 @@ pass and a single optimizer step, which is what DeepSpeed needs.
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 import torch
@@ -17,28 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from cmr.config import ConfigError
+from cmr.dist import backend, cpu_requested, truthy
 from cmr.train.config import OptimizerConfig, TrainConfig
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
-def cpu_requested() -> bool:
-    """ACCELERATE_USE_CPU=1 (what `accelerate launch --cpu` sets, and tests/launch.py for N CPU
-    ranks). Accelerator and PartialState must be told (``cpu=``): left to themselves, CPU ranks
-    started with --multi_gpu each run alone, world size 1."""
-    return _truthy("ACCELERATE_USE_CPU")
-
-
-def _uses_cpu() -> bool:
-    return cpu_requested() or not torch.cuda.is_available()
-
-
-def _skip_deepspeed_cpu_shm_op() -> None:
+def skip_deepspeed_cpu_shm_op() -> None:
     """DeepSpeed on CPU JIT-compiles a shared-memory all-reduce op (~70 s) at start-up;
     plain gloo does the job for CPU runs. CMR_DEEPSPEED_SHM_COMM=1 keeps the op."""
-    if _truthy("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available() and not _truthy("CMR_DEEPSPEED_SHM_COMM"):
+    if truthy("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available() and not truthy("CMR_DEEPSPEED_SHM_COMM"):
         import deepspeed.ops
 
         # DeepSpeed probes op compatibility once and keeps the dict: a False here skips the build.
@@ -46,13 +31,10 @@ def _skip_deepspeed_cpu_shm_op() -> None:
 
 
 def build_accelerator(cfg: TrainConfig, run_dir: Path, log_with: str | None) -> Accelerator:
-    _skip_deepspeed_cpu_shm_op()
+    skip_deepspeed_cpu_shm_op()
     timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
-    # gloo on CPU: without naming it, DeepSpeed through accelerate quietly runs each rank alone.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    backend = "gloo" if _uses_cpu() and launched else None
     handlers = [
-        InitProcessGroupKwargs(backend=backend, timeout=timeout),
+        InitProcessGroupKwargs(backend=backend(), timeout=timeout),  # gloo on CPU (cmr.dist)
         # Stages switch parts of the model off; DDP must not wait for their gradients.
         DistributedDataParallelKwargs(find_unused_parameters=True),
     ]

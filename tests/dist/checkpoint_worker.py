@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `cmr`
 
 from cmr.train.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from cmr.train.parallel import skip_deepspeed_cpu_shm_op  # noqa: E402
 
 VOCAB_TEXT = '{"<pad>": 0, "<unk>": 1, "cat": 2}'
 
@@ -36,11 +37,8 @@ def build_accelerator(args):
         return Accelerator()
     gloo = [InitProcessGroupKwargs(backend="gloo")]
     if args.deepspeed:
-        # The CPU shared-memory allreduce op would be JIT-compiled first (~30-70 s); gloo is
-        # enough. cpu=True would quietly turn DeepSpeed off; DS_ACCELERATOR=cpu keeps it on CPU.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # cpu=True would quietly turn DeepSpeed off; DS_ACCELERATOR=cpu keeps it on CPU.
+        skip_deepspeed_cpu_shm_op()
         return Accelerator(kwargs_handlers=gloo)
     return Accelerator(cpu=True, kwargs_handlers=gloo)
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from cmr.train.parallel import skip_deepspeed_cpu_shm_op
+
 MICRO_BATCH = 4
 GRAD_CLIP = 2.0
 
@@ -27,6 +29,7 @@ def main() -> None:
 
     # Without an explicit backend, DeepSpeed on CPU leaves every rank alone (world size 1).
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    skip_deepspeed_cpu_shm_op()  # as the trainer does: no ~40 s JIT build of an op gloo replaces
     accelerator = Accelerator(kwargs_handlers=handlers)
     rank = accelerator.process_index
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
