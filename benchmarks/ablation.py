@@ -23,6 +23,11 @@ variant's difference from A is taken seed by seed, with a 95% t-interval over th
 Images are EfficientNet-Lite ImageNet features (extracted once by launch/extract.py, cached
 under data/). Runs are sequential and resumable: a variant+seed whose result exists is read
 back. Evaluated on the test split from the final checkpoint. Writes OUT/ablation.md.
+
+Each finished run's result (stages, steps, wall-clock, test metrics; no weights) is also kept
+in benchmarks/ablation-results/DATASET/VARIANT-seedN.json, which is committed: the table can
+be redone, and an interrupted ablation resumed, on a machine that never had the run
+directories.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 FLICKR = "../shared/data/flickr8k_1k"
+RECORD = REPO / "benchmarks" / "ablation-results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +158,14 @@ def run_variant(name: str, dataset: Dataset, variant: str, seed: int, run_dir: P
     """Train and evaluate one variant and seed; its result (read back if done before)."""
     tag = f"[{name} {variant} seed {seed}]"
     stages = stages_of(variant, dataset)
+    result = recorded(name, variant, seed)
+    if result is not None:
+        return result
     result_path = run_dir / "ablation.json"
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result["stages"] == stages and result["seed"] == seed:
+            record(result)
             return result
         print(f"{tag} done before with other stages: training again", flush=True)
     if run_dir.exists():  # half-finished: a resumed run's wall-clock would not compare
@@ -175,9 +185,32 @@ def run_variant(name: str, dataset: Dataset, variant: str, seed: int, run_dir: P
               "encoder_steps": round(steps_per_epoch * sum(s["epochs"] for s in stages if s["name"] != "discriminators")),
               "train_s": round(train_s, 1), "metrics": metrics}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
+    record(result)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # results kept, weights not
     print(f"{tag} {meta['step']} steps in {train_s:.0f} s; test rsum {metrics['rsum']:.1f}", flush=True)
     return result
+
+
+def record_path(name: str, variant: str, seed: int) -> Path:
+    return RECORD / name / f"{variant}-seed{seed}.json"
+
+
+def record(result: dict) -> None:
+    """Keep a finished run's result in the committed record (written whole, then renamed)."""
+    path = record_path(result["dataset"], result["variant"], result["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def recorded(name: str, variant: str, seed: int) -> dict | None:
+    """The recorded result of this variant and seed, if it was trained with today's stages."""
+    path = record_path(name, variant, seed)
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result["stages"] == stages_of(variant, DATASETS[name]) and result["seed"] == seed else None
 
 
 # -- statistics and the table ---------------------------------------------------------------
@@ -263,8 +296,10 @@ def finished_results(args: argparse.Namespace, out: Path) -> list[dict]:
         for seed in args.seeds:
             runs = []
             for variant in args.variants:
+                result = recorded(name, variant, seed)
                 path = out / name / f"{variant}-seed{seed}" / "ablation.json"
-                result = json.loads(path.read_text()) if path.is_file() else None
+                if result is None and path.is_file():
+                    result = json.loads(path.read_text())
                 if result is None or result["stages"] != stages_of(variant, DATASETS[name]):
                     break
                 runs.append(result)

@@ -13,6 +13,7 @@ from cmr.data.source import DataError
 from cmr.experiment import ExperimentConfig
 from cmr.procs import end_with_launcher
 from cmr.run_dir import RunDirError
+from cmr.train.preemption import PreemptionHandler
 from cmr.train.trainer import Trainer, TrainingError
 
 
@@ -25,8 +26,12 @@ def main() -> int:
     args = parser.parse_args()
     cfg = config_from_args(ExperimentConfig, args)
     try:
-        trainer = Trainer(cfg, args.run_dir or Path("runs") / cfg.name, resume=args.resume)
-        outcome = trainer.train()
+        # From before the setup: SLURM's time-limit warning (or a preemption) that comes while the
+        # run loads data and builds the model is acted on at the first step, not lost.
+        with PreemptionHandler() as preemption:
+            trainer = Trainer(cfg, args.run_dir or Path("runs") / cfg.name, resume=args.resume,
+                              preemption=preemption)
+            outcome = trainer.train()
     except (ConfigError, DataError, RunDirError, TrainingError) as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{kind}: {err}", file=sys.stderr)

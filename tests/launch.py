@@ -55,6 +55,16 @@ def deepspeed_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def command(p) -> str:
+    """A ``psutil.Process``'s command line, "" once it is gone (or a zombie waiting for its parent)."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """``result`` if its command succeeded; else fail with the tail of its output."""
     assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-6000:]

@@ -2,7 +2,8 @@
 
 ``ShardServer`` serves a directory over HTTP/1.1 (GET, HEAD, single byte ranges, ETag,
 Last-Modified, 404) from a thread on 127.0.0.1, and can be stopped and started again on the
-same port. Its ``faults`` spoil chosen responses, and may be changed while it runs::
+same port. ``ranges=False`` makes it a server that ignores Range (the whole file, 200), as
+``python -m http.server`` does; ``range_requests`` lists each GET's Range header. Its ``faults`` spoil chosen responses, and may be changed while it runs::
 
     with ShardServer(shard_dir) as server:
         url = f"{server.url}/train/shard-000000.tar"
@@ -139,9 +140,11 @@ class _Serving:
 class ShardServer:
     """Serves ``root`` at ``url`` from a daemon thread; a context manager."""
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", ranges: bool = True) -> None:
         self.root = Path(root).resolve()
         self.host = host
+        self.ranges = ranges
+        self._ranges: list[tuple[str, str | None]] = []
         self.port = 0  # a free one at the first start(), then the same one
         self.faults = Faults()
         self._lock = threading.Lock()
@@ -157,6 +160,12 @@ class ShardServer:
         """(method, path) of every request received so far, spoiled ones included."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def range_requests(self) -> list[tuple[str, str | None]]:
+        """(path, Range header or None) of every GET received so far."""
+        with self._lock:
+            return list(self._ranges)
 
     def start(self) -> ShardServer:
         if self._serving is not None:
@@ -192,9 +201,11 @@ class ShardServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _record(self, method: str, path: str) -> None:
+    def _record(self, method: str, path: str, range_header: str | None) -> None:
         with self._lock:
             self._requests.append((method, path))
+            if method == "GET":
+                self._ranges.append((path, range_header))
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -239,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
-        self.server.shard_server._record(self.command, path)
+        self.server.shard_server._record(self.command, path, self.headers.get("Range"))
         rule = self.server.shard_server.faults.take(self.command, path)
         if rule is not None and rule.kind == "stall" and rule.after_bytes is None:
             if self.server.serving.stopping.wait(rule.seconds):
@@ -250,7 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
         if file is None:
             return self._send_short(404, f"no such file: {path}\n")
         stat = file.stat()
-        span = _byte_range(self.headers.get("Range"), stat.st_size)
+        ranges = self.server.shard_server.ranges
+        span = _byte_range(self.headers.get("Range") if ranges else None, stat.st_size)
         if span is None:
             return self._send_short(416, "unsatisfiable range\n",
                                     {"Content-Range": f"bytes */{stat.st_size}"})
@@ -262,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start))
         self.send_header("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')
         self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
-        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Accept-Ranges", "bytes" if ranges else "none")
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{stat.st_size}")
         self.end_headers()

@@ -157,11 +157,12 @@ class SlurmCluster:
         self._wait(in_state, timeout, f"job {job_id} in {states} (last {found.get('JobState')})")
         return found
 
-    def start_requeued_now(self, job_id: str, timeout: float = 120) -> None:
+    def start_requeued_now(self, job_id: str, *updates: str, timeout: float = 120) -> None:
         """SLURM holds a requeued job back for two minutes (its BeginTime, Reason=BeginTime):
-        once the job is back in the queue, make it eligible now, so a test need not wait."""
+        once the job is back in the queue, make it eligible now, so a test need not wait.
+        ``updates``: more ``scontrol update`` fields for the held job (``TimeLimit=10``)."""
         self._wait(lambda: self.job(job_id).get("Reason") == "BeginTime", timeout, f"job {job_id} requeued")
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates)
 
     def kill_slurmd(self, node: str) -> None:
         """A lost node: its slurmd dies (its tasks are the caller's to kill)."""

@@ -19,7 +19,7 @@ from cmr.config import from_dict
 from cmr.data.loader import build_loader, build_vocabulary
 from cmr.data.pipeline import DataConfig
 from cmr.data.source import DataError
-from tests.launch import REPO
+from tests.launch import REPO, command
 from tests.tiny_data import write_split
 
 
@@ -34,13 +34,6 @@ def dataset(tmp_path_factory):
 def make_cfg(root, **overrides):
     base = {"shards": str(root), "batch_size": 4, "num_workers": 1, "shuffle_buffer": 8, "image": {"size": 16}}
     return from_dict(DataConfig, {**base, **overrides})
-
-
-def command(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def loader_workers(process: psutil.Process) -> list[psutil.Process]:
@@ -147,12 +140,24 @@ def test_workers_start_while_threads_come_and_go(dataset, tmp_path):
 
 
 EXIT_HOLDING = textwrap.dedent("""
-    import gc, os, signal, sys
+    import gc, multiprocessing, os, signal, sys, time
     from cmr.config import from_dict
     from cmr.data.loader import build_loader, build_vocabulary
     from cmr.data.pipeline import DataConfig
 
+    def users_child(path):  # the user's own daemonic process, which cleans up on SIGTERM
+        def on_term(*_):
+            open(path, "w").write("terminated")
+            os._exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        open(path + ".ready", "w").close()
+        time.sleep(600)
+
     if __name__ == "__main__":
+        child = multiprocessing.get_context("spawn").Process(target=users_child, args=(sys.argv[3],), daemon=True)
+        child.start()
+        while not os.path.exists(sys.argv[3] + ".ready"):
+            time.sleep(0.05)
         cfg = from_dict(DataConfig, {"shards": sys.argv[1], "batch_size": 4, "num_workers": 2,
                                      "shuffle_buffer": 8, "image": {"size": 16}})
         loader = build_loader(cfg, build_vocabulary(cfg), split="train", mode="train")
@@ -179,13 +184,17 @@ def test_a_process_that_exits_holding_a_busy_loader_ends_with_its_workers(datase
     script = tmp_path / "exit_holding.py"
     script.write_text(EXIT_HOLDING)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(dataset), case], env=env, capture_output=True,
-                            text=True, timeout=180)  # ~11-21 s here; it hung every time without the handler
+    users_child = tmp_path / "users_child"
+    result = subprocess.run([sys.executable, str(script), str(dataset), case, str(users_child)], env=env,
+                            capture_output=True, text=True, timeout=180)  # ~11-21 s; it hung without the handler
     assert result.returncode == 0, result.stderr[-3000:]
     workers = [int(pid) for pid in result.stdout.split("workers", 1)[1].split()]
     assert len(workers) == 2
     time.sleep(0.5)
     assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    # Only the loader's workers are killed: the user's own daemonic child got multiprocessing's
+    # SIGTERM and ran its handler.
+    assert users_child.read_text() == "terminated"
 
 
 ENV_READER = textwrap.dedent("""

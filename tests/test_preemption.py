@@ -269,3 +269,26 @@ def test_without_the_trap_sigusr1_kills_the_launcher(tmp_path):
         _, alive = psutil.wait_procs(workers, timeout=60)
         for process in alive:
             process.kill()
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_run_sets_up_is_acted_on_at_the_first_step(tmp_path):
+    """SLURM's time-limit warning (--signal=USR1@N) may come before the training loop runs:
+    launch/train.py listens from before the setup, so the run checkpoints at its first step
+    boundary and stops, rather than dying of SIGUSR1 or (under the sbatch's trap) missing it."""
+    from tests.test_train import TRAIN, train_args
+    from tests.tiny_data import train_val_shards
+
+    shards, run = train_val_shards(tmp_path / "shards"), tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(TRAIN), *train_args(shards, run)], cwd=REPO, env=cpu_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The run dir's lock is the first thing the setup writes; data, model and wandb follow.
+        wait_until(lambda: (run / ".lock").exists() or process.poll() is not None, timeout=120)
+        process.send_signal(signal.SIGUSR1)
+        output = process.communicate(timeout=180)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "training preempted at step 1" in output, output[-3000:]
+    assert (run / "checkpoints" / "step-00000001").is_dir()

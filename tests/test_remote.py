@@ -202,6 +202,32 @@ def test_a_server_restart_mid_shard_is_survived(tmp_path):
     assert members.failure is None and members.retries == 1
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["range", "server-ignores-range"])
+def test_a_cut_transfer_resumes_at_the_byte_after_the_last_member(tmp_path, ranges):
+    """After a cut, the retry asks for the rest only (Range: the byte after the last member
+    delivered, a tar header boundary). A server that ignores Range sends the whole tar again:
+    that shows in its first member, and the reader skips what it delivered before."""
+    with tarfile.open(tmp_path / "big.tar", "w") as tar:
+        for i in range(12):
+            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(64, 64)))
+            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
+    with tarfile.open(tmp_path / "big.tar") as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar]
+        boundaries = {m.offset for m in tar.getmembers()}
+    size = (tmp_path / "big.tar").stat().st_size
+    with ShardServer(tmp_path, ranges=ranges) as server:
+        cut = size // 2
+        server.faults.drop_after(cut, path="big.tar")
+        members = TarMembers(f"{server.url}/big.tar", Opener(retry_backoff_s=0.05))
+        got = [(f"{k}.{e}", data) for k, e, data in members]
+        assert got == want and members.failure is None and members.retries == 1
+        (_, first), (_, retry) = server.range_requests
+    assert first is None
+    start = int(retry.removeprefix("bytes=").removesuffix("-"))
+    assert start in boundaries and 0 < start <= cut, (start, cut)
+    assert start > cut - 2 * 64 * 64 * 3  # at most a member or two before the cut is fetched again
+
+
 def test_a_shard_that_never_answers_is_counted_not_fatal(local, server):
     local_cfg, vocab = local
     server.faults.status(503, path="train/shard-000002.tar", times=None)
@@ -286,6 +312,20 @@ def test_s3_reads_the_same_batches_as_local(local, s3, monkeypatch):
     cfg = make_cfg("s3://bucket/tiny", num_workers=2)
     assert build_vocabulary(cfg).itos == vocab.itos
     assert_same(epoch_batches(cfg, vocab, 0, rank=1, world=2), epoch_batches(local_cfg, vocab, 0, rank=1, world=2))
+
+
+def test_an_object_store_stream_starts_at_the_byte_asked_for(dataset, s3, monkeypatch):
+    """What a retry after a fault opens: the rest of the object, from a ranged read."""
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    whole = (dataset / "train" / "shard-000003.tar").read_bytes()
+    stream = Opener().open("s3://bucket/tiny/train/shard-000003.tar", start=1536)
+    try:
+        assert stream.read() == whole[1536:]
+    finally:
+        stream.close()
+    with pytest.raises(ValueError, match="pipe:"):
+        Opener(allow_pipe=True).open("pipe:cat x.tar", start=512)
 
 
 def test_s3_lists_manifest_less_shards_and_reads_stats(tmp_path, s3, monkeypatch):

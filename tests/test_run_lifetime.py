@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from cmr.run_dir import RunDir, RunDirBusy, RunLock, read_meta
-from tests.launch import REPO, accelerate_launch, cpu_env, free_port, ok
+from tests.launch import REPO, accelerate_launch, command, cpu_env, free_port, ok
 from tests.test_train import TRAIN, evals, losses, metrics, train_args
-from tests.tiny_data import write_split
+from tests.tiny_data import train_val_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -31,10 +31,7 @@ TOTAL_STEPS = 30
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lifetime_shards")
-    write_split(root, "train", 48, shard_size=6)
-    write_split(root, "val", 12, shard_size=6)
-    return root
+    return train_val_shards(tmp_path_factory.mktemp("lifetime_shards"))
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +71,6 @@ def ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
 def tree(launcher: psutil.Process) -> list[psutil.Process]:
     """The launcher's descendants: ranks, their DataLoader and reward workers, trackers."""
     return launcher.children(recursive=True)
-
-
-def command(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:  # gone, or a zombie waiting for its parent
-        return ""
 
 
 def helpers_of(rank: psutil.Process) -> list[psutil.Process]:

@@ -17,11 +17,10 @@ from cmr.run_dir import RunDir
 from tests.launch import REPO, accelerate_launch, cpu_env, ok
 from tests.slurm_cluster import NODES, SlurmCluster, missing_programs
 from tests.test_train import TRAIN, losses, metrics, train_args
-from tests.tiny_data import write_split
+from tests.tiny_data import train_val_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
-TOTAL_STEPS = 15
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm_shards")
-    write_split(root, "train", 24, shard_size=6)
-    write_split(root, "val", 12, shard_size=6)
-    return root
+    return train_val_shards(tmp_path_factory.mktemp("slurm_shards"), num_train=24)
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +75,6 @@ def submit(cluster, shards, run: Path, *overrides: str, sbatch_args: tuple[str, 
     job_id = cluster.sbatch("--nodes=2", f"--output={log}", "--job-name=cmr-test", *sbatch_args,
                             str(SBATCH), *train_args(shards, run, *RUN, *overrides), env=job_env(), cwd=REPO)
     return job_id, log
-
-
-def test_two_nodes_train_to_the_end_with_the_losses_of_two_local_processes(cluster, shards, reference, tmp_path):
-    run = tmp_path / "run"
-    job_id, log = submit(cluster, shards, run)
-    job = cluster.wait_job(job_id, ENDED)
-    assert job["JobState"] == "COMPLETED", log.read_text()[-4000:]
-    assert job["NodeList"] == "node[1-2]"
-    assert f"job {job_id} (restart 0) on 2 nodes" in log.read_text()
-    records = metrics(run)
-    assert records[-1]["step"] == TOTAL_STEPS
-    assert losses(records) == losses(metrics(reference))
-    [launch] = starts(run)
-    assert (launch["slurm_job_id"], launch["slurm_restart_count"], launch["world_size"]) == (job_id, 0, 2)
 
 
 def starts(run: Path) -> list[dict]:
@@ -133,10 +115,63 @@ def test_usr1_from_slurm_checkpoints_requeues_the_same_job_and_resumes_bit_for_b
     assert signalled_after < second["resumed_from_step"] <= signalled_after + 3, (signalled_after, second)
     assert f"job {job_id} (restart 1) on 2 nodes" in text and f"SLURM job {job_id} restart 1" in text
     assert f"requeued SLURM job {job_id}" in text
+    # wandb's run ended before the requeue killed its service process (else rank 0's
+    # end_training raised MailboxClosedError under the requeue).
+    assert "[rank0]: Traceback" not in text and "MailboxClosedError" not in text, text[-6000:]
     # One metrics.jsonl, one wandb run, the whole loss sequence of the uninterrupted run.
     assert losses(metrics(run)) == losses(metrics(reference))
     wandb_runs = {p.name.rsplit("-", 1)[1] for p in run.rglob("offline-run-*")}
     assert wandb_runs == {RunDir(run).wandb_run_id()}
+
+
+# 1,280 samples, 2 ranks x 2 a step: 320 steps an epoch, 1,600 steps (~30 s of training on 2 idle
+# cores, after ~20 s of start), still running when a one-minute time limit warns (below).
+LONG = ["data.batch_size=2"]
+LONG_STEPS = 1600
+
+
+@pytest.fixture(scope="module")
+def long_shards(tmp_path_factory):
+    return train_val_shards(tmp_path_factory.mktemp("slurm_long_shards"), num_train=1280)
+
+
+@pytest.fixture(scope="module")
+def long_reference(long_shards, tmp_path_factory):
+    """Uninterrupted, without periodic checkpoints and wandb (a third faster; neither moves a
+    loss, which the comparison with the job, which has both, checks too)."""
+    run = tmp_path_factory.mktemp("slurm_long_reference") / "run"
+    ok(accelerate_launch(TRAIN, *train_args(long_shards, run, *RUN, *LONG, "train.checkpoint.every_n_steps=0",
+                                            "train.logging.wandb=false")))
+    return run
+
+
+def test_a_time_limit_warns_with_usr1_and_the_requeued_job_resumes_bit_for_bit(cluster, long_shards,
+                                                                               long_reference, tmp_path):
+    """`--time=1 --signal=USR1@10`, as the sbatch header's @120 does on a long job: once 10 s are
+    left, at its next time-limit check (every 30 s, so 20-50 s into the job, once the ranks are
+    up), SLURM sends SIGUSR1 to the step's processes (no B:, so not the batch shell). The run
+    saves at the next step, ends its wandb run and requeues itself before the limit ends it."""
+    run = tmp_path / "run"
+    job_id, log = submit(cluster, long_shards, run, *LONG, sbatch_args=("--time=1", "--signal=USR1@10"))
+    # The requeued run gets a limit it will not reach, or it would be warned again.
+    cluster.start_requeued_now(job_id, "TimeLimit=10")
+    job = cluster.wait_job(job_id, ENDED)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-4000:]
+    assert "DUE TO TIME LIMIT" not in text and "preempted (SIGUSR1)" in text, text[-4000:]
+    # The ranks end cleanly, wandb's run included, before the requeue kills what is left (the
+    # launchers: torch elastic prints their SIGTERM as a traceback of its own).
+    assert "[rank0]: Traceback" not in text and "MailboxClosedError" not in text, text[-6000:]
+    # Two nodes, one process each, trained to the end with the losses of two local processes.
+    assert job["NodeList"] == "node[1-2]" and f"job {job_id} (restart 0) on 2 nodes" in text
+    first, second = starts(run)
+    assert (first["slurm_job_id"], first["world_size"], second["world_size"]) == (job_id, 2, 2)
+    ends = [r["outcome"] for r in RunDir(run).read_launches() if r["event"] == "end"]
+    assert ends == ["preempted", "done"], RunDir(run).read_launches()
+    assert (first["slurm_restart_count"], second["slurm_restart_count"]) == (0, 1)
+    assert 0 < second["resumed_from_step"] < LONG_STEPS, second
+    assert metrics(run)[-1]["step"] == LONG_STEPS
+    assert losses(metrics(run)) == losses(metrics(long_reference))
 
 
 def processes_of(job_id: str, run: Path) -> list[psutil.Process]:

@@ -14,7 +14,7 @@ import pytest
 
 from cmr.run_dir import RunDir
 from tests.launch import REPO, accelerate_launch, cpu_env, deepspeed_env, free_port, ok
-from tests.tiny_data import write_split
+from tests.tiny_data import train_val_shards
 
 DRIVER = REPO / "tests" / "dist" / "train_driver.py"
 TRAIN = REPO / "launch" / "train.py"
@@ -30,10 +30,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_shards")
-    write_split(root, "train", 48, shard_size=6)
-    write_split(root, "val", 12, shard_size=6)
-    return root
+    return train_val_shards(tmp_path_factory.mktemp("train_shards"))
 
 
 def train_args(shards, run_dir, *overrides, config=TINY):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.launch import REPO, accelerate_launch, deepspeed_env, ok
 from tests.test_train import DRIVER, evals, losses, metrics, train_args
-from tests.tiny_data import captions_for, sample_files, write_split
+from tests.tiny_data import captions_for, sample_files, train_val_shards, write_split
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ACCELERATE_DIR = REPO / "configs" / "accelerate"
@@ -29,9 +29,7 @@ NUM_TEST = 15  # does not divide over 2 ranks: the evaluation pads and masks
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("claims_shards")
-    write_split(root, "train", 48, shard_size=6)
-    write_split(root, "val", 12, shard_size=6)
+    root = train_val_shards(tmp_path_factory.mktemp("claims_shards"))
     write_split(root, "test", NUM_TEST, shard_size=5)
     return root
 

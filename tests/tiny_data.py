@@ -89,3 +89,10 @@ def write_split(
             split_dir,
         )
     return split_dir
+
+
+def train_val_shards(root: Path, num_train: int = 48, num_val: int = 12, shard_size: int = 6) -> Path:
+    """The tiny training runs' dataset: ``train`` and ``val`` splits in shards of ``shard_size``."""
+    write_split(root, "train", num_train, shard_size=shard_size)
+    write_split(root, "val", num_val, shard_size=shard_size)
+    return root

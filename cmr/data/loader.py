@@ -194,9 +194,11 @@ class _Lane:
         self.dataset.epoch = epoch
         self.dataset.skip_windows = dict(enumerate(windows_done))
         self.dataset.worker_offset = sum(windows_done) % self.dataset.num_loader_workers
+        iterator = iter(self.loader)
         if self.dataset.cfg.num_workers:
             _open_lanes.add(self)
-        return iter(self.loader)
+            _worker_pids.update(w.pid for w in getattr(iterator, "_workers", ()))
+        return iterator
 
     def close(self) -> None:
         """Stop the workers: the done signal, a few seconds to finish, then SIGKILL. Not
@@ -210,6 +212,7 @@ class _Lane:
             if worker.is_alive():
                 worker.kill()
                 worker.join(timeout=5)
+        _worker_pids.difference_update(w.pid for w in iterator._workers if not w.is_alive())
         _open_lanes.discard(self)
 
 
@@ -218,6 +221,9 @@ class _Lane:
 # global, a traceback's frame after an error) must not leave the interpreter joining workers
 # that ignore SIGTERM.
 _open_lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
+# Every loader worker this process started (pids): the exit handler kills those still there,
+# and only those (a user's own multiprocessing children are theirs to end).
+_worker_pids: set[int] = set()
 
 
 @atexit.register
@@ -225,9 +231,9 @@ def _close_open_lanes() -> None:
     for lane in list(_open_lanes):
         lane.close()
     # A worker of a loader collected earlier that never took its done signal (stuck on a dead
-    # mount): torch sent it SIGTERM, in vain. Daemonic children end with their parent anyway.
+    # mount): torch sent it SIGTERM, in vain. Workers are daemonic: they end with us anyway.
     for child in multiprocessing.active_children():
-        if child.daemon:
+        if child.pid in _worker_pids:
             child.kill()
 
 

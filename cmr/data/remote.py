@@ -155,15 +155,23 @@ class Opener:
     timeout_s: float = 60.0  # to connect, and the longest a transfer may stall
     ahead: bool = True  # open_ahead() starts transfers (data.open_ahead)
 
-    def open(self, location: Location) -> BinaryIO:
+    def open(self, location: Location, start: int = 0) -> BinaryIO:
         """A readable binary stream; errors are ``RemoteError`` (or ``FileNotFoundError``).
-        The stream :meth:`open_ahead` started for ``location``, if there is one."""
+        The stream :meth:`open_ahead` started for ``location``, if there is one.
+
+        ``start``: the byte to begin at, where :meth:`can_start_at` says the transport can (an
+        http Range request, an object store's ranged read). An http server that ignores Range
+        sends the whole object from byte 0; the reader has to notice (``TarMembers`` does)."""
         text = str(location)
-        ahead = _AHEAD.pop(text, None)
+        ahead = _AHEAD.pop(text, None) if not start else None
         if ahead is not None:
             return ahead
+        if start and not self.can_start_at(location):
+            raise ValueError(f"{redact(text)}: cannot start a pipe: stream at byte {start}")
         if not is_remote(location):
-            return open(local_path(location), "rb")
+            stream = open(local_path(location), "rb")
+            stream.seek(start)
+            return stream
         if text.startswith("pipe:"):
             if not self.allow_pipe:
                 raise PipeNotAllowed(f"{redact(text)} runs a shell command; set data.allow_pipe: true to allow it")
@@ -171,8 +179,16 @@ class Opener:
             return gopen(text, "rb")
         scheme = urlsplit(text).scheme
         if scheme in ("http", "https"):
-            return _CurlStream(text, self.timeout_s)
-        return _open_fsspec(text)
+            return _CurlStream(text, self.timeout_s, start)
+        stream = _open_fsspec(text)
+        if start:
+            stream.seek(start)  # fsspec's files read ranges: nothing before ``start`` is fetched
+        return stream
+
+    @staticmethod
+    def can_start_at(location: Location) -> bool:
+        """Whether :meth:`open` can begin mid-object (everything but ``pipe:``)."""
+        return not str(location).startswith("pipe:")
 
     def open_ahead(self, location: Location) -> None:
         """Start the transfer of the shard to be read next, so its connection and first bytes
@@ -272,13 +288,13 @@ class _CurlStream(io.RawIOBase):
     URL is never parsed by one). curl's own retries are off: ours know where the stream
     was. A failed transfer raises ``RemoteError`` on the read that meets it."""
 
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, start: int = 0):
         from webdataset.gopen import Pipe
 
         self.url = url
         seconds = str(max(1, int(round(timeout_s))))
         args = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", seconds,
-                "--speed-limit", "1", "--speed-time", seconds, url]
+                "--speed-limit", "1", "--speed-time", seconds, *(["--range", f"{start}-"] if start else []), url]
         # Pipe checks curl's status after every read and raises on a non-zero exit.
         self.pipe = Pipe(args, mode="rb", stderr=subprocess.PIPE, ignore_status=[141, 23],
                          timeout=timeout_s + 10)
@@ -320,6 +336,9 @@ class _CurlStream(io.RawIOBase):
             code = int(match.group(1)) if match else 0
             if code in (404, 410):
                 return RemoteError(f"{where}: not found (HTTP {code})", "missing_shard", transient=False)
+            if code == 416:  # a Range past the end: the object is shorter than when it was opened
+                return RemoteError(f"{where}: range not satisfiable (HTTP 416)", "range_not_satisfiable",
+                                   transient=True)
             if code in (401, 403):
                 return RemoteError(f"{where}: access denied (HTTP {code}); check the credentials",
                                    "unreachable_shard", transient=False)

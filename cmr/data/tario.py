@@ -46,8 +46,12 @@ class TarMembers:
     are read only for the extensions ``read`` accepts (the others are skipped unread).
 
     A local tar is read with random access. A remote one is a stream: after a transient
-    failure (reset, stall, 5xx) it is reopened with backoff and advanced past the members
-    already delivered, so a fault loses nothing and shifts nothing. Damage does not raise:
+    failure (reset, stall, 5xx) it is reopened with backoff at the byte after the last member
+    delivered (an http Range request, an object store's ranged read), so a fault loses
+    nothing, shifts nothing and fetches no byte twice that was used. Where the store cannot
+    start there (``pipe:``; an http server that ignores Range and sends the whole tar, which
+    shows in its first member), the stream starts over and is advanced past the members
+    already delivered. Damage does not raise:
     iteration ends early and ``failure`` names the reason (``truncated_shard``,
     ``missing_shard``, ``unreachable_shard``), ``message`` says what happened.
     """
@@ -57,7 +61,9 @@ class TarMembers:
         self.failure: str | None = None
         self.message = ""
         self.retries = 0
-        self._delivered = 0
+        self._delivered = 0  # members delivered so far (those the walk counts)
+        self._resume_at = 0  # the byte after the last delivered member (a header starts there)
+        self._first_name: str | None = None  # the tar's first member, to tell a whole-tar answer
 
     def __iter__(self) -> Iterator[tuple[str, str, bytes | None]]:
         if is_remote(self.location):
@@ -74,15 +80,18 @@ class TarMembers:
         where = redact(self.location)
         for attempt in range(self.opener.max_retries + 1):
             stream = None
+            start = self._resume_at if self.opener.can_start_at(self.location) else 0
             try:
-                stream = self.opener.open(self.location)
+                stream = self.opener.open(self.location, start)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    yield from self._walk(tar)
+                    yield from self._walk(tar, start)
                 return
             except RemoteError as err:
                 if not err.transient:
                     self._fail(err.reason, str(err))
                     return
+                if err.reason == "range_not_satisfiable":  # the tar changed: start over, skip ahead
+                    self._resume_at = 0
                 message = str(err)
             except (tarfile.TarError, EOFError) as err:  # the bytes arrived, and are damaged
                 self._fail("truncated_shard", f"{where}: {err}")
@@ -94,14 +103,22 @@ class TarMembers:
                     close_quietly(stream)
             if attempt < self.opener.max_retries:
                 self.retries += 1
-                log.warning("%s; retry %d of %d in %.1f s (resuming after member %d)", message, attempt + 1,
-                            self.opener.max_retries, self.opener.backoff(attempt), self._delivered)
+                log.warning("%s; retry %d of %d in %.1f s (resuming after member %d, byte %d)", message,
+                            attempt + 1, self.opener.max_retries, self.opener.backoff(attempt), self._delivered,
+                            self._resume_at)
                 time.sleep(self.opener.backoff(attempt))
         self._fail("unreachable_shard", f"{message} (gave up after {self.opener.max_retries} retries)")
 
-    def _walk(self, tar: tarfile.TarFile) -> Iterator[tuple[str, str, bytes | None]]:
-        position = 0
-        for member in tar:
+    def _walk(self, tar: tarfile.TarFile, start: int = 0) -> Iterator[tuple[str, str, bytes | None]]:
+        """The members of ``tar``, a stream that begins at byte ``start`` of the shard: at 0, or
+        right after the last member delivered."""
+        position = self._delivered if start else 0
+        for index, member in enumerate(tar):
+            if index == 0:
+                if start and member.name == self._first_name:  # the server ignored the Range
+                    start = position = 0
+                elif not start:
+                    self._first_name = member.name
             if not member.isreg():
                 continue
             prefix, suffix = base_plus_ext(member.name)
@@ -117,6 +134,7 @@ class TarMembers:
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
             self._delivered = position
+            self._resume_at = start + member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             yield prefix, suffix, data
 
     def _fail(self, reason: str, message: str) -> None:

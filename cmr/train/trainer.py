@@ -8,6 +8,7 @@ agreed on with one all-reduce, so no rank ever skips a collective the others ent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,7 +50,10 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: str | Path, resume: str | None = None):
+    def __init__(self, cfg, run_dir: str | Path, resume: str | None = None,
+                 preemption: PreemptionHandler | None = None):
+        """``preemption``: a handler the caller has entered already (launch/train.py does, before
+        the setup); without one, ``train()`` listens for the signals only while it runs."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         tcfg = cfg.train
         self.accelerator = build_accelerator(tcfg, self.run_dir, "wandb" if tcfg.logging.wandb else None)
@@ -82,7 +86,8 @@ class Trainer:
         self.evaluator = Evaluator(acc, self.eval_loader, cfg, self.run, self.vocab)
         self.reward_pool = RewardPool(cfg.reward) if any(s.losses.get("scst", 0) > 0 for s in tcfg.stages) else None
         self.metrics = MetricsLogger(acc, self.run_dir, tcfg.logging)
-        self.preemption = PreemptionHandler()
+        self._owns_preemption = preemption is None
+        self.preemption = preemption or PreemptionHandler()
         self.global_step = self.epoch = 0
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.stage_index = -1
@@ -168,11 +173,12 @@ class Trainer:
         outcome = "error"
         try:
             try:
-                with self.preemption:
+                with self.preemption if self._owns_preemption else contextlib.nullcontext():
                     outcome = self._run_epochs()
             except RuntimeError as err:
                 raise self._explain_collective_failure(err) from err
-            self.accelerator.end_training()
+            if outcome != "preempted":  # a preemption ended the trackers before its requeue
+                self.accelerator.end_training()
             return outcome
         finally:
             self.heartbeat.stop()
@@ -393,6 +399,9 @@ class Trainer:
     def _preempt(self) -> str:
         path = self.save()
         self._record_end("preempted")
+        # The requeue has SLURM kill every process of the job, wandb's service among them: the
+        # wandb run is finished (synced, offline or not) before it is asked for.
+        self.accelerator.end_training()
         message = requeue_slurm_job() if self.accelerator.is_main_process else ""
         self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}; {message}")
         return "preempted"
