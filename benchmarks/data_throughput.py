@@ -43,10 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def build_shards(flickr: Path, out: Path) -> Path:
+def build_shards(flickr: Path, out: Path, shard_size: int = 64) -> Path:
     if not (out / "train" / "manifest.json").exists():
         cmd = [sys.executable, "-m", "shards", "build", "jsonl", "--captions", str(flickr / "captions.jsonl"),
-               "--images-root", str(flickr), "--out", str(out), "--shard-size", "64"]
+               "--images-root", str(flickr), "--out", str(out), "--shard-size", str(shard_size)]
         subprocess.run(cmd, check=True, cwd=REPO)
     return out
 

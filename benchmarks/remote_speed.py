@@ -96,7 +96,10 @@ def machine_cpu_s() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flickr", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k_1k")
-    parser.add_argument("--shards", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cmr-bench-flickr")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="where the shards are built (default: $TMPDIR/cmr-bench-flickr, -N for other sizes)")
+    parser.add_argument("--shard-size", type=int, default=64,
+                        help="samples per shard (real datasets: 1,000-10,000; a shard's first byte is paid per shard)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -111,7 +114,10 @@ def main() -> None:
         return
 
     torch.set_num_threads(1)  # the main process only normalises; leave the cores to workers
-    shard_dir = build_shards(args.flickr, args.shards)
+    if args.shards is None:
+        name = "cmr-bench-flickr" + ("" if args.shard_size == 64 else f"-{args.shard_size}")
+        args.shards = Path(os.environ.get("TMPDIR", "/tmp")) / name
+    shard_dir = build_shards(args.flickr, args.shards, args.shard_size)
     port, stop_server, server_proc = (serve_in_process if args.server == "sendfile" else serve_in_thread)(
         shard_dir, args.first_byte_ms)
     url = f"http://127.0.0.1:{port}"
