@@ -46,7 +46,7 @@ import torch
 import torch.multiprocessing  # noqa: F401 - registers the tensor reductions DataLoader's queues use
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import MEAN, STD, build_shards  # noqa: E402
+from data_throughput import MEAN, REPO, STD, build_shards  # noqa: E402
 
 from cmr.config import from_dict  # noqa: E402
 from cmr.data import pipeline  # noqa: E402
@@ -54,7 +54,6 @@ from cmr.data.loader import build_loader, build_vocabulary  # noqa: E402
 from cmr.data.pipeline import DataConfig, ShardStream  # noqa: E402
 from cmr.data.transforms import normalize  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("read", "text", "decode", "crop/resize/flip", "tokenise", "collate")
 
 
