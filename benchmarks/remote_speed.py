@@ -2,14 +2,14 @@
 
 The Flickr8k-1k training shards (built as ``data_throughput.py`` builds them) are served on
 127.0.0.1; the training loader (224 px, 2 workers, batch 64) reads them once through
-``data.shards=http://127.0.0.1:PORT`` (curl, webdataset's opener) and once from the
+``data.shards=http://127.0.0.1:PORT`` (read in the workers with urllib) and once from the
 directory, alternating (local, http, local, ...) so both see the same machine state. Prints
 the ratio of median samples/s (goal >= 0.95) and where the extra CPU of http goes: the
 server's own CPU seconds and the machine's, per epoch, against the local runs'.
 
 ``--server`` picks the server: ``sendfile`` (default) a separate process that sends each file
 with ``sendfile(2)``, as nginx or an object store's front end does, so what remains is the
-client's cost (curl, the pipe, the workers); ``thread`` the stdlib ``SimpleHTTPRequestHandler``
+client's cost (the workers' reads); ``thread`` the stdlib ``SimpleHTTPRequestHandler``
 in a thread of this process, copying every byte through Python under this process's GIL.
 
     python benchmarks/remote_speed.py [--flickr ../shared/data/flickr8k_1k] [--epochs 2] [--repeats 3]
@@ -74,9 +74,14 @@ def serve_in_process(directory: Path, first_byte_ms: float) -> tuple[int, callab
     return port, proc.kill, psutil.Process(proc.pid)
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a reader that stops mid-shard (its piece ends there) closes the connection
+
+
 def serve_forever(directory: str, first_byte_ms: float) -> None:
     SendfileHandler.first_byte_s = first_byte_ms / 1000
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SendfileHandler, directory=directory))
+    server = QuietServer(("127.0.0.1", 0), functools.partial(SendfileHandler, directory=directory))
     print(server.server_address[1], flush=True)
     server.serve_forever()
 
@@ -102,6 +107,8 @@ def main() -> None:
                         help="samples per shard (real datasets: 1,000-10,000; a shard's first byte is paid per shard)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup-epochs", type=int, default=2,
+                        help="untimed epochs of each loader first (its workers start, allocators settle)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--server", choices=["sendfile", "thread"], default="sendfile")
@@ -129,13 +136,15 @@ def main() -> None:
                                      "num_workers": args.workers, "image": {"size": 224}})
         vocab = build_vocabulary(cfg)
         loaders[name] = build_loader(cfg, vocab, split="train", mode="train")
+    for loader in loaders.values():  # untimed: start the persistent workers, warm the page cache
+        time_ours(loader, args.warmup_epochs)
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     machine = dict.fromkeys(loaders, 0.0)  # CPU seconds of the whole machine while each ran
     server_s = dict.fromkeys(loaders, 0.0)
     for r in range(args.repeats):
         for name, loader in loaders.items():
             cpu0, served0 = machine_cpu_s(), cpu_s(server_proc)
-            rates[name].append(time_ours(loader, args.epochs, first_epoch=r * args.epochs))
+            rates[name].append(time_ours(loader, args.epochs, first_epoch=args.warmup_epochs + r * args.epochs))
             machine[name] += machine_cpu_s() - cpu0
             server_s[name] += cpu_s(server_proc) - served0
         print(f"run {r}: " + "   ".join(f"{name} {rates[name][-1]:7.1f}" for name in loaders) + " samples/s")

@@ -149,6 +149,7 @@ class ShardServer:
         self.faults = Faults()
         self._lock = threading.Lock()
         self._requests: list[tuple[str, str]] = []
+        self._authorizations: list[str | None] = []
         self._serving: _Serving | None = None
 
     @property
@@ -166,6 +167,12 @@ class ShardServer:
         """(path, Range header or None) of every GET received so far."""
         with self._lock:
             return list(self._ranges)
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        """The Authorization header (or None) of every request received so far."""
+        with self._lock:
+            return list(self._authorizations)
 
     def start(self) -> ShardServer:
         if self._serving is not None:
@@ -201,9 +208,10 @@ class ShardServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _record(self, method: str, path: str, range_header: str | None) -> None:
+    def _record(self, method: str, path: str, range_header: str | None, authorization: str | None) -> None:
         with self._lock:
             self._requests.append((method, path))
+            self._authorizations.append(authorization)
             if method == "GET":
                 self._ranges.append((path, range_header))
 
@@ -250,7 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
-        self.server.shard_server._record(self.command, path, self.headers.get("Range"))
+        self.server.shard_server._record(self.command, path, self.headers.get("Range"),
+                                         self.headers.get("Authorization"))
         rule = self.server.shard_server.faults.take(self.command, path)
         if rule is not None and rule.kind == "stall" and rule.after_bytes is None:
             if self.server.serving.stopping.wait(rule.seconds):

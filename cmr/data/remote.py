@@ -1,11 +1,16 @@
 """Where shards live: local paths, http(s) URLs, object stores and ``pipe:`` commands.
 
-The transport is other people's: webdataset's ``gopen`` machinery opens files and ``pipe:``
-commands, and http(s) through ``curl`` (run by webdataset's ``Pipe``, without a shell);
+The transport is other people's: webdataset's ``gopen`` opens ``pipe:`` commands; http(s) is
+read in the reading process with the standard library's ``urllib`` (redirects, proxies from
+the environment, TLS with the system's certificates, ``user:password@`` as Basic auth);
 fsspec opens ``s3://``, ``gs://``, ``az://`` and the other object stores (s3fs/gcsfs/adlfs
 installed as extras; credentials from their usual environment). This module chooses
 between them, turns their failures into one-line errors with a reason, retries transient
 ones, and keeps credentials and query strings out of every message.
+
+Why not webdataset's own http opener: it runs ``curl`` per shard, and a curl process costs
+about 8 ms of CPU to start (its 33 shared libraries): with 64-sample shards on 2 cores that
+was 13-23% of the loader's throughput (``benchmarks/remote_speed.py``); read here, 0-5%.
 
 A location is a ``Path``/local path string or a URL string. Shard lists are written as
 webdataset and open_clip users write them: brace patterns (``https://host/{00000..00331}.tar``),
@@ -14,25 +19,25 @@ several patterns joined by ``::``, or a YAML list.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import http.client
 import io
 import re
-import subprocess
+import socket
+import ssl
+import threading
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import braceexpand
 
 Location = str | Path
-
-# curl exit codes (man curl, EXIT CODES) that a retry may cure, and those it may not.
-_CURL_TRANSIENT = {5: "proxy unreachable", 6: "host not resolved", 7: "connection refused",
-                   18: "connection dropped mid-file", 28: "timed out", 35: "TLS handshake failed",
-                   52: "empty reply", 55: "send failed", 56: "connection reset"}
-_HTTP_STATUS = re.compile(r"error: (\d{3})")
-
 
 class RemoteError(OSError):
     """A shard or manifest could not be read. ``reason`` is the count's name, ``transient``
@@ -165,7 +170,14 @@ class Opener:
         text = str(location)
         ahead = _AHEAD.pop(text, None) if not start else None
         if ahead is not None:
-            return ahead
+            try:
+                return ahead.result(timeout=self.timeout_s + 10)
+            except OSError:  # RemoteError, or no answer in time: opened anew below, where the
+                _discard(ahead)  # failure meets the reader's retries
+        return self._open(location, start)
+
+    def _open(self, location: Location, start: int = 0) -> BinaryIO:
+        text = str(location)
         if start and not self.can_start_at(location):
             raise ValueError(f"{redact(text)}: cannot start a pipe: stream at byte {start}")
         if not is_remote(location):
@@ -179,7 +191,7 @@ class Opener:
             return gopen(text, "rb")
         scheme = urlsplit(text).scheme
         if scheme in ("http", "https"):
-            return _CurlStream(text, self.timeout_s, start)
+            return _HttpStream(text, self.timeout_s, start)
         stream = _open_fsspec(text)
         if start:
             stream.seek(start)  # fsspec's files read ranges: nothing before ``start`` is fetched
@@ -191,20 +203,26 @@ class Opener:
         return not str(location).startswith("pipe:")
 
     def open_ahead(self, location: Location) -> None:
-        """Start the transfer of the shard to be read next, so its connection and first bytes
-        are ready when the reader gets to it (a worker reads shards one after another; each
-        http open costs a curl start and a round trip, an object store's first byte 10-100 ms).
-        http(s) only: curl connects in its own process and fills its pipe, then waits. One
-        stream ahead at a time; one not taken is closed when the next is started."""
+        """Start opening the shard to be read next, so its connection and first bytes are ready
+        when the reader gets to it (a worker reads shards one after another; an http open
+        costs a round trip, an object store's first byte 10-100 ms). http(s) only: a thread
+        connects and reads the response's headers, then ends; the body waits in the socket.
+        One stream ahead at a time; one not taken is closed when the next is started."""
         text = str(location)
         if not self.ahead or text in _AHEAD or urlsplit(text).scheme not in ("http", "https"):
             return
         for stale in list(_AHEAD):
-            close_quietly(_AHEAD.pop(stale))
-        try:
-            _AHEAD[text] = self.open(location)
-        except (RemoteError, OSError):
-            pass  # the reader's own open meets the error, with its retries
+            _discard(_AHEAD.pop(stale))
+        future: Future = Future()
+
+        def connect() -> None:
+            try:
+                future.set_result(self._open(location))
+            except BaseException as err:  # noqa: BLE001 - handed to the reader, which decides
+                future.set_exception(err)
+
+        threading.Thread(target=connect, name="cmr-open-ahead", daemon=True).start()
+        _AHEAD[text] = future
 
     def read_bytes(self, location: Location) -> bytes:
         """The whole of a small object (a manifest, a stats file), with retries."""
@@ -244,28 +262,84 @@ class Opener:
 
 
 LOCAL = Opener()
-# This process's streams opened ahead (Opener.open_ahead), by location.
-_AHEAD: dict[str, BinaryIO] = {}
+# This process's streams being opened ahead (Opener.open_ahead), by location.
+_AHEAD: dict[str, Future] = {}
+
+
+def _discard(future: Future) -> None:
+    """Close a stream opened ahead and not taken, once its opening ends."""
+    def close(done: Future) -> None:
+        if done.exception() is None:
+            close_quietly(done.result())
+    future.add_done_callback(close)
 
 
 def _http_stamp(url: str, timeout_s: float) -> str:
-    """Content-Length, ETag and Last-Modified of a HEAD request, through curl."""
-    seconds = str(max(1, int(round(timeout_s))))
-    result = subprocess.run(["curl", "--silent", "--show-error", "--fail", "--location", "--head",
-                             "--connect-timeout", seconds, "--max-time", seconds, url],
-                            capture_output=True, timeout=timeout_s + 10)
-    if result.returncode != 0:
-        transient = result.returncode in _CURL_TRANSIENT
-        raise RemoteError(f"{redact(url)}: HEAD failed (curl exit {result.returncode})", "unreachable_shard",
-                          transient=transient)
-    # After redirects curl prints every response's headers; the last block is the object's.
-    block = result.stdout.decode(errors="replace").strip().split("\r\n\r\n")[-1]
-    headers = {}
-    for line in block.splitlines():
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    """Content-Length, ETag and Last-Modified of a HEAD request (of the object redirects end at)."""
+    response = _http_request(url, timeout_s, method="HEAD")
+    headers = {name.lower(): value for name, value in response.getheaders()}
+    response.close()
     fields = [f"{k}={headers[k]}" for k in ("content-length", "etag", "last-modified") if headers.get(k)]
     return ";".join(fields) if ("etag" in headers or "last-modified" in headers) else ""
+
+
+def _http_request(url: str, timeout_s: float, start: int = 0, method: str = "GET") -> http.client.HTTPResponse:
+    """The response to ``method url`` (from byte ``start``: a Range request), its headers read;
+    failures are ``RemoteError``. ``user:password@`` in the URL is sent as Basic auth."""
+    parts = urlsplit(url)
+    headers = {"Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        url = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, ""))
+    request = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        err.close()
+        raise _status_error(url, err.code) from None
+    except urllib.error.URLError as err:
+        raise _connection_error(url, err.reason) from None
+    except (OSError, http.client.HTTPException) as err:
+        raise _connection_error(url, err) from None
+
+
+def _status_error(url: str, code: int) -> RemoteError:
+    where = redact(url)
+    if code in (404, 410):
+        return RemoteError(f"{where}: not found (HTTP {code})", "missing_shard", transient=False)
+    if code == 416:  # a Range past the end: the object is shorter than when it was opened
+        return RemoteError(f"{where}: range not satisfiable (HTTP 416)", "range_not_satisfiable", transient=True)
+    if code in (401, 403):
+        return RemoteError(f"{where}: access denied (HTTP {code}); check the credentials", "unreachable_shard",
+                           transient=False)
+    transient = code >= 500 or code in (408, 429)
+    return RemoteError(f"{where}: HTTP {code}", "unreachable_shard", transient=transient)
+
+
+def _connection_error(url: str, reason) -> RemoteError:
+    """A failure below HTTP: resolving, connecting, TLS, a reset or a stall."""
+    where = redact(url)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return RemoteError(f"{where}: TLS certificate not trusted ({reason.verify_message})", "unreachable_shard",
+                           transient=False)
+    if isinstance(reason, socket.gaierror):
+        meaning = "host not resolved"
+    elif isinstance(reason, ConnectionRefusedError):
+        meaning = "connection refused"
+    elif isinstance(reason, (TimeoutError, socket.timeout)):
+        meaning = "timed out"
+    elif isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
+        meaning = "connection reset"
+    elif isinstance(reason, http.client.IncompleteRead):
+        meaning = "connection dropped mid-file"
+    elif isinstance(reason, ssl.SSLError):
+        meaning = "TLS failed"
+    else:
+        meaning = f"connection failed ({type(reason).__name__})"
+    return RemoteError(f"{where}: {meaning}", "unreachable_shard", transient=True)
 
 
 def _read_all(stream: BinaryIO) -> bytes:
@@ -283,81 +357,35 @@ def close_quietly(stream) -> None:
         pass
 
 
-class _CurlStream(io.RawIOBase):
-    """``curl`` writing one URL to our pipe, through webdataset's ``Pipe`` (no shell, so a
-    URL is never parsed by one). curl's own retries are off: ours know where the stream
-    was. A failed transfer raises ``RemoteError`` on the read that meets it."""
+class _HttpStream(io.RawIOBase):
+    """The body of one http(s) GET, read in this process. No retries of its own: the reader's
+    know where the stream was. A transfer that stalls for ``timeout_s`` or ends before its
+    Content-Length raises ``RemoteError`` on the read that meets it."""
 
     def __init__(self, url: str, timeout_s: float, start: int = 0):
-        from webdataset.gopen import Pipe
-
         self.url = url
-        seconds = str(max(1, int(round(timeout_s))))
-        args = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", seconds,
-                "--speed-limit", "1", "--speed-time", seconds, *(["--range", f"{start}-"] if start else []), url]
-        # Pipe checks curl's status after every read and raises on a non-zero exit.
-        self.pipe = Pipe(args, mode="rb", stderr=subprocess.PIPE, ignore_status=[141, 23],
-                         timeout=timeout_s + 10)
+        self.response = _http_request(url, timeout_s, start)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        try:
-            data = self.pipe.read(len(buffer))
-        except OSError:
-            raise self._error() from None
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
-        if not data:
-            self._check_exit()
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
         try:
-            data = self.pipe.read(size) if size is not None and size >= 0 else self.pipe.stream.read()
-        except OSError:
-            raise self._error() from None
-        if not data or size is None or size < 0:
-            self._check_exit()
+            data = self.response.read(size if size is not None and size >= 0 else None)
+        except (OSError, http.client.HTTPException) as err:
+            raise _connection_error(self.url, err) from None
+        if not data and size and self.response.length:  # the server closed before the end
+            raise _connection_error(self.url, http.client.IncompleteRead(b"", self.response.length))
         return data
-
-    def _check_exit(self) -> None:
-        # End of output: a transfer cut short ends the stream too; only curl's status tells.
-        status = self.pipe.proc.wait(timeout=self.pipe.timeout)
-        if status not in (0, 141, 23):
-            raise self._error()
-
-    def _error(self) -> RemoteError:
-        status = self.pipe.proc.wait(timeout=self.pipe.timeout)
-        stderr = self.pipe.proc.stderr.read().decode(errors="replace") if self.pipe.proc.stderr else ""
-        where = redact(self.url)
-        if status == 22:  # --fail: HTTP answered >= 400
-            match = _HTTP_STATUS.search(stderr)
-            code = int(match.group(1)) if match else 0
-            if code in (404, 410):
-                return RemoteError(f"{where}: not found (HTTP {code})", "missing_shard", transient=False)
-            if code == 416:  # a Range past the end: the object is shorter than when it was opened
-                return RemoteError(f"{where}: range not satisfiable (HTTP 416)", "range_not_satisfiable",
-                                   transient=True)
-            if code in (401, 403):
-                return RemoteError(f"{where}: access denied (HTTP {code}); check the credentials",
-                                   "unreachable_shard", transient=False)
-            transient = code >= 500 or code in (408, 429) or code == 0
-            return RemoteError(f"{where}: HTTP {code or 'error'}", "unreachable_shard", transient=transient)
-        meaning = _CURL_TRANSIENT.get(status)
-        if meaning:
-            return RemoteError(f"{where}: {meaning} (curl exit {status})", "unreachable_shard", transient=True)
-        return RemoteError(f"{where}: curl exit {status}", "unreachable_shard", transient=False)
 
     def close(self) -> None:
         if not self.closed:
-            proc = self.pipe.proc
-            if proc.poll() is None:
-                proc.kill()  # abandoned mid-transfer (a piece that ends before the shard does)
-            self.pipe.stream.close()
-            proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+            self.response.close()  # abandoned mid-transfer (a piece that ends before the shard does)
         super().close()
 
 
