@@ -287,6 +287,13 @@ def test_brace_patterns_without_a_manifest_count_once_and_cache(tmp_path, local,
         assert [k for b in epoch_batches(cfg, vocab, 0) for k in b.keys][:4]
 
 
+def test_a_total_sample_count_is_refused_with_what_to_give_instead():
+    """open_clip users give a total (--train-num-samples); the exactly-once plan needs each
+    shard's count, so data.num_samples says what to write instead of "unknown field"."""
+    with pytest.raises(ConfigError, match=r"^num_samples: not a field: .*data.shard_sizes.*data.samples_per_epoch"):
+        make_cfg("https://h/{0..9}.tar", num_samples=1000)
+
+
 def test_img2dataset_stats_files_count_without_reading_a_tar(tmp_path):
     for s in range(3):
         with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:

@@ -41,6 +41,11 @@ from cmr.data.vocab import VocabConfig, Vocabulary
 class DataConfig:
     REMOVED_FIELDS: ClassVar[dict[str, str]] = {
         "val_split": "removed: nothing read it; the split evaluated during training is eval.split",
+        # Not a field: the exactly-once plan cuts the sample stream by shard, so it needs
+        # every shard's count; a total alone cannot say which shard holds which sample.
+        "num_samples": "not a field: a total cannot place samples in shards; give data.shard_sizes "
+                       "(one count for every shard, or a list), or data.resampled: true with "
+                       "data.samples_per_epoch (open_clip's --train-num-samples)",
     }
 
     # Where the shards are: a dataset directory written by `python -m shards build ...` or a
