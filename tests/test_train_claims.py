@@ -2,7 +2,8 @@
 
 - gradient accumulation: k micro-batches step like one batch (SGD, whose step is lr x gradient:
   Adam would hide a wrong gradient scale);
-- DeepSpeed ZeRO-1 and ZeRO-2 really run on 2 ranks and train like DDP on the same data;
+- DeepSpeed ZeRO-1 and ZeRO-2 really run on 2 ranks and train like DDP on the same data, and
+  ZeRO-2 in bf16 trains a model with BatchNorm and resumes bit for bit;
 - wandb: the offline run holds the logged keys and steps, and a resumed run continues it;
 - bf16 mixed precision trains, checkpoints and resumes bit for bit;
 - evaluation on 2 processes equals 1, with each rank encoding only its share.
@@ -162,6 +163,31 @@ def test_zero1_and_zero2_run_two_real_ranks_and_train_like_ddp(engine_runs):
         worst = max(abs(mine[k] - theirs[k]) / abs(theirs[k]) for mine, theirs in zip(other, ddp)
                     for k in ("loss/triplet", "loss/caption_xe", "loss/total"))
         assert worst <= 1e-5, f"{name}: losses differ from DDP's by up to {worst:.2e} (relative)"
+
+
+def test_zero2_in_bf16_trains_a_batchnorm_model_and_resumes_bit_for_bit(shards, tmp_path):
+    """DeepSpeed's bf16 casts the parameters, not BatchNorm's running statistics, and
+    batch_norm refuses bf16 weights beside float32 statistics: the trainer casts the buffers
+    too. One process (2 would only add time), the small CNN's BatchNorms, 4 steps straight
+    and 2 + 2 resumed."""
+    config = ["--config_file", str(ACCELERATE_DIR / "cpu_deepspeed_zero2.yaml")]
+    launcher = ("--num_processes", "1", "--mixed_precision", "bf16")
+
+    def launch(run, steps, *extra):
+        args = train_args(shards, run, "train.logging.wandb=false", "data.batch_size=16", f"train.max_steps={steps}")
+        ok(accelerate_launch(DRIVER, *args, *extra, env=deepspeed_env(), config_file=config[1],
+                             launcher_args=launcher))
+
+    launch(tmp_path / "straight", 4)
+    launch(tmp_path / "resumed", 2)
+    launch(tmp_path / "resumed", 4, "--resume", "auto")
+    report = rank_reports(tmp_path / "straight", world=1)[0]
+    assert report["distributed_type"] == "DistributedType.DEEPSPEED" and report["mixed_precision"] == "bf16"
+    assert "torch.bfloat16" in report["linear_output_dtypes"]
+    records = losses(metrics(tmp_path / "straight"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert losses(metrics(tmp_path / "resumed")) == records
+    assert rank_reports(tmp_path / "resumed", world=1)[0]["params_sha256"] == report["params_sha256"]
 
 
 # -- 5. evaluation: 2 processes equal 1, and each rank encodes only its share ---------------

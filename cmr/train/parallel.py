@@ -49,6 +49,16 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path, log_with: str | None) -> 
     )
 
 
+def match_buffers_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point buffers (BatchNorm's running mean and variance) to
+    ``dtype``. DeepSpeed's bf16/fp16 casts the parameters only, and batch_norm refuses bf16
+    weights beside float32 running statistics ("expected scalar type BFloat16 but found Float")."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+
+
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 

@@ -30,7 +30,7 @@ from cmr.run_dir import CONFIG_NAME, VOCAB_NAME, CheckpointError, RunDir, RunDir
 from cmr.train.checkpoint import Checkpointer
 from cmr.train.liveness import Heartbeat, describe_silent
 from cmr.train.metrics import MetricsLogger, wandb_mode
-from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, uses_deepspeed
+from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, match_buffers_to, uses_deepspeed
 from cmr.train.preemption import PreemptionHandler, requeue_slurm_job
 from cmr.train.schedule import StagePlan
 from cmr.train.step import forward_and_losses, model_inputs, stage_weights
@@ -80,6 +80,8 @@ class Trainer:
         self.raw_model = acc.unwrap_model(self.model)  # unwrapping costs ~20 ms: once, not per step
         # DeepSpeed bf16/fp16 holds half-precision weights without autocast: feed it its dtype.
         self.input_dtype = next(self.model.parameters()).dtype if uses_deepspeed(acc) else torch.float32
+        if self.input_dtype != torch.float32:
+            match_buffers_to(self.raw_model, self.input_dtype)
         self.plan = StagePlan(tuple(tcfg.stages), steps_per_epoch=len(self.loader) // k)
         self.loader.end_epoch = self.plan.epoch_starts[-1]  # no look-ahead past the last epoch
         self.eval_loader = self._eval_loader() if cfg.eval.every_n_epochs else None

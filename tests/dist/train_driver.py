@@ -22,6 +22,11 @@ from cmr.train import trainer as trainer_module  # noqa: E402
 from tests.dist.embed_counter import embed_counter  # noqa: E402
 
 
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's memory as bytes, any dtype (numpy has no bfloat16)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 class ReportingTrainer(trainer_module.Trainer):
     first_batch_keys_sha256 = None
     linear_output_dtypes = frozenset()  # what the Linear layers really computed in (bf16 under autocast)
@@ -46,10 +51,10 @@ class ReportingTrainer(trainer_module.Trainer):
         digest, buffers = hashlib.sha256(), hashlib.sha256()
         for name, tensor in sorted(model.named_parameters()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(raw_bytes(tensor))
         for name, tensor in sorted(model.named_buffers()):
             buffers.update(name.encode())
-            buffers.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            buffers.update(raw_bytes(tensor))
         report = {
             "rank": dist.get_rank() if dist.is_initialized() else 0,
             "world": dist.get_world_size() if dist.is_initialized() else 1,
