@@ -11,6 +11,7 @@ same port. ``ranges=False`` makes it a server that ignores Range (the whole file
         server.faults.status(503, path="train/manifest.json")  # the next request: 503
         server.faults.stall(5.0, after_bytes=0, path="*-000003.tar")  # headers, then 5 s silence
         server.faults.status(503, path="*.tar", p=0.3, seed=0)  # ~30% of tar requests, forever
+        server.faults.redirect("http://localhost:8000/x.tar", path="*-000004.tar")  # a 302
         ...
         server.stop()                   # in-flight transfers are cut, new ones refused
         server.start()                  # same port, same url
@@ -57,7 +58,7 @@ _UNLIMITED_IF_P = object()  # ``times`` default: once, or without limit when ``p
 class Rule:
     """One fault. ``applied`` counts the responses it has spoiled so far."""
 
-    kind: str  # "drop", "stall" or "status"
+    kind: str  # "drop", "stall", "status" or "redirect"
     path: str
     times: int | None
     p: float
@@ -66,7 +67,8 @@ class Rule:
     reset: bool = False  # drop: RST instead of FIN
     seconds: float = 0.0  # stall
     after_bytes: int | None = 0  # stall: body bytes sent first; None: before the headers
-    code: int = 503  # status
+    code: int = 503  # status, redirect
+    location: str = ""  # redirect: the Location header
     applied: int = 0
 
     def applies_to(self, method: str) -> bool:
@@ -97,6 +99,10 @@ class Faults:
                p: float | None = None, seed: int = 0) -> Rule:
         """Answer ``code`` (with a short body) instead of the file."""
         return self._add("status", path, times, p, seed, code=code)
+
+    def redirect(self, location: str, *, path: str = "*", times=_UNLIMITED_IF_P, code: int = 302) -> Rule:
+        """Answer ``code`` with ``Location: location`` instead of the file."""
+        return self._add("redirect", path, times, None, 0, code=code, location=location)
 
     def clear(self) -> None:
         with self._lock:
@@ -266,6 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._cut(reset=False)
         if rule is not None and rule.kind == "status":
             return self._send_short(rule.code, f"injected fault: {rule.code}\n")
+        if rule is not None and rule.kind == "redirect":
+            return self._send_short(rule.code, "moved\n", {"Location": rule.location})
         file = self._resolve(path)
         if file is None:
             return self._send_short(404, f"no such file: {path}\n")

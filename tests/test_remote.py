@@ -417,6 +417,18 @@ def test_credentials_in_a_url_are_sent_as_basic_auth(server):
     assert server.authorizations[-1] is None
 
 
+def test_credentials_do_not_follow_a_redirect_to_another_host(dataset, server):
+    """A redirect is followed (as curl --location does), but the credentials stay with the
+    host they were given for."""
+    with ShardServer(dataset) as other:
+        elsewhere = f"http://localhost:{other.port}/train/shard-000001.tar"  # another host name
+        server.faults.redirect(elsewhere, path="train/shard-000000.tar")
+        shard = f"{server.url}/train/shard-000000.tar".replace("http://", "http://me:secret@")
+        assert count_tar_samples(shard, Opener()) == SHARD
+        assert server.authorizations == ["Basic " + base64.b64encode(b"me:secret").decode()]
+        assert other.requests == [("GET", "/train/shard-000001.tar")] and other.authorizations == [None]
+
+
 def test_no_secret_reaches_a_log_line_or_an_error(local, server, caplog):
     local_cfg, vocab = local
     secret = "X-Amz-Signature=0123secret"

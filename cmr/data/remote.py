@@ -19,7 +19,6 @@ several patterns joined by ``::``, or a YAML list.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import http.client
 import io
@@ -285,18 +284,23 @@ def _http_stamp(url: str, timeout_s: float) -> str:
 
 def _http_request(url: str, timeout_s: float, start: int = 0, method: str = "GET") -> http.client.HTTPResponse:
     """The response to ``method url`` (from byte ``start``: a Range request), its headers read;
-    failures are ``RemoteError``. ``user:password@`` in the URL is sent as Basic auth."""
+    failures are ``RemoteError``. ``user:password@`` in the URL is sent as Basic auth, to the
+    URL's host alone."""
     parts = urlsplit(url)
     headers = {"Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
+    handlers = []
     if parts.username is not None:
-        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        # Sent with the first request, to this host only: a redirect elsewhere does not get it.
         url = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, ""))
+        passwords = urllib.request.HTTPPasswordMgrWithPriorAuth()
+        passwords.add_password(None, f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[1]}/", unquote(parts.username),
+                               unquote(parts.password or ""), is_authenticated=True)
+        handlers.append(urllib.request.HTTPBasicAuthHandler(passwords))
     request = urllib.request.Request(url, headers=headers, method=method)
     try:
-        return urllib.request.urlopen(request, timeout=timeout_s)
+        return urllib.request.build_opener(*handlers).open(request, timeout=timeout_s)
     except urllib.error.HTTPError as err:
         err.close()
         raise _status_error(url, err.code) from None
