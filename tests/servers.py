@@ -3,7 +3,8 @@
 ``ShardServer`` serves a directory over HTTP/1.1 (GET, HEAD, single byte ranges, ETag,
 Last-Modified, 404) from a thread on 127.0.0.1, and can be stopped and started again on the
 same port. ``ranges=False`` makes it a server that ignores Range (the whole file, 200), as
-``python -m http.server`` does; ``range_requests`` lists each GET's Range header. Its ``faults`` spoil chosen responses, and may be changed while it runs::
+``python -m http.server`` does; ``range_requests`` lists each GET's Range header.
+``tls=self_signed_certificate(folder)`` serves https with a certificate no system trusts. Its ``faults`` spoil chosen responses, and may be changed while it runs::
 
     with ShardServer(shard_dir) as server:
         url = f"{server.url}/train/shard-000000.tar"
@@ -40,7 +41,9 @@ import mimetypes
 import random
 import re
 import socket
+import ssl
 import struct
+import subprocess
 import sys
 import threading
 import urllib.request
@@ -146,10 +149,12 @@ class _Serving:
 class ShardServer:
     """Serves ``root`` at ``url`` from a daemon thread; a context manager."""
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", ranges: bool = True) -> None:
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", ranges: bool = True,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.root = Path(root).resolve()
         self.host = host
         self.ranges = ranges
+        self.tls = tls  # (certificate, key) PEM files: serve https
         self._ranges: list[tuple[str, str | None]] = []
         self.port = 0  # a free one at the first start(), then the same one
         self.faults = Faults()
@@ -160,7 +165,7 @@ class ShardServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -184,6 +189,10 @@ class ShardServer:
         if self._serving is not None:
             raise RuntimeError(f"ShardServer already serving at {self.url}")
         httpd = _HTTPServer((self.host, self.port), _Handler)
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, self.tls))
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         httpd.shard_server = self
         self.port = httpd.server_address[1]
         thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -347,6 +356,15 @@ class _Handler(BaseHTTPRequestHandler):
         root = self.server.shard_server.root
         file = (root / path.lstrip("/")).resolve()
         return file if file.is_relative_to(root) and file.is_file() else None
+
+
+def self_signed_certificate(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for ``host`` (an IP address) that no system trusts, and its key."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", f"/CN={host}", "-addext", f"subjectAltName=IP:{host}"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -23,7 +23,7 @@ from cmr.data.pipeline import DataConfig
 from cmr.data.remote import Opener, expand, is_pattern, join, redact, redact_spec
 from cmr.data.source import DataError, open_split
 from cmr.data.tario import TarMembers, count_tar_samples
-from tests.servers import ShardServer, s3_env, s3_server, upload_dir
+from tests.servers import ShardServer, s3_env, s3_server, self_signed_certificate, upload_dir
 from tests.tiny_data import add_member, image_bytes, write_split
 
 NUM_TRAIN, SHARD = 45, 6
@@ -427,6 +427,20 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(dataset, server):
         assert count_tar_samples(shard, Opener()) == SHARD
         assert server.authorizations == ["Basic " + base64.b64encode(b"me:secret").decode()]
         assert other.requests == [("GET", "/train/shard-000001.tar")] and other.authorizations == [None]
+
+
+def test_https_checks_the_certificate_and_reads_once_it_is_trusted(dataset, tmp_path, monkeypatch):
+    """A server whose certificate no system trusts: one line naming it, not retried (another
+    try cannot cure it); trusted through SSL_CERT_FILE, as with curl, the shard reads."""
+    cert, key = self_signed_certificate(tmp_path)
+    with ShardServer(dataset, tls=(cert, key)) as server:
+        shard = f"{server.url}/train/shard-000000.tar"
+        members = TarMembers(shard, Opener(retry_backoff_s=0.01))
+        assert list(members) == [] and members.failure == "unreachable_shard"
+        assert members.message.startswith(f"{shard}: TLS certificate not trusted (") and members.retries == 0
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert count_tar_samples(shard, Opener()) == SHARD
+        assert Opener().stamp(shard)
 
 
 def test_no_secret_reaches_a_log_line_or_an_error(local, server, caplog):
