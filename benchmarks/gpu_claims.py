@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from cmr.run_dir import RunDir, read_meta  # noqa: E402
+from tests.launch import free_port  # noqa: E402
 from tests.tiny_data import train_val_shards  # noqa: E402
 
 TRAIN = REPO / "launch" / "train.py"
@@ -55,12 +55,6 @@ KILL_AT, STOP_AT = 14, 14
 RUN = ["train.checkpoint.every_n_steps=4", "train.logging.wandb=false", "data.num_workers=1"]
 ZERO_TOLERANCE = 1e-4
 CHECKS = ("bf16-crash-resume", "fp16-scaling-resume", "zero1-vs-ddp", "zero2-vs-ddp", "zero2-bf16-crash-resume")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Launcher:

@@ -3,8 +3,10 @@
 ``ShardServer`` serves a directory over HTTP/1.1 (GET, HEAD, single byte ranges, ETag,
 Last-Modified, 404) from a thread on 127.0.0.1, and can be stopped and started again on the
 same port. ``ranges=False`` makes it a server that ignores Range (the whole file, 200), as
-``python -m http.server`` does; ``range_requests`` lists each GET's Range header.
-``tls=self_signed_certificate(folder)`` serves https with a certificate no system trusts. Its ``faults`` spoil chosen responses, and may be changed while it runs::
+``python -m http.server`` does; ``range_requests`` lists each GET's Range header, and
+``authorizations`` each request's Authorization header. ``tls=self_signed_certificate(folder)``
+serves https with a certificate no system trusts. Its ``faults`` spoil chosen responses, and
+may be changed while it runs::
 
     with ShardServer(shard_dir) as server:
         url = f"{server.url}/train/shard-000000.tar"

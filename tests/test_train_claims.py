@@ -170,13 +170,12 @@ def test_zero2_in_bf16_trains_a_batchnorm_model_and_resumes_bit_for_bit(shards, 
     batch_norm refuses bf16 weights beside float32 statistics: the trainer casts the buffers
     too. One process (2 would only add time), the small CNN's BatchNorms, 4 steps straight
     and 2 + 2 resumed."""
-    config = ["--config_file", str(ACCELERATE_DIR / "cpu_deepspeed_zero2.yaml")]
     launcher = ("--num_processes", "1", "--mixed_precision", "bf16")
 
     def launch(run, steps, *extra):
         args = train_args(shards, run, "train.logging.wandb=false", "data.batch_size=16", f"train.max_steps={steps}")
-        ok(accelerate_launch(DRIVER, *args, *extra, env=deepspeed_env(), config_file=config[1],
-                             launcher_args=launcher))
+        ok(accelerate_launch(DRIVER, *args, *extra, env=deepspeed_env(),
+                             config_file=ACCELERATE_DIR / "cpu_deepspeed_zero2.yaml", launcher_args=launcher))
 
     launch(tmp_path / "straight", 4)
     launch(tmp_path / "resumed", 2)

@@ -55,7 +55,7 @@ def match_buffers_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
     weights beside float32 running statistics ("expected scalar type BFloat16 but found Float")."""
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+            if buffer.is_floating_point() and buffer.dtype != dtype:
                 setattr(module, name, buffer.to(dtype))
 
 
