@@ -30,7 +30,8 @@ a header stall (``after_bytes=None``) to every method.
 
 ``s3_server()`` runs moto's S3 server on a free port and yields its endpoint; ``upload_dir``
 fills a bucket from a directory; ``s3_env`` gives the variables under which s3fs, boto3 and
-``fsspec.open("s3://...")`` (also in child processes) talk to it.
+``fsspec.open("s3://...")`` (also in child processes) talk to it; ``take_s3_server_down``
+stops it for a while and starts it again on the same port, its buckets kept.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -416,15 +418,58 @@ def s3_server() -> Iterator[str]:
         logger.setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    _S3_SERVERS[endpoint] = _Running(server)
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
         yield endpoint
     finally:
-        server.stop()
-        server._server.server_close()  # stop() leaves the listening socket open
+        _S3_SERVERS[endpoint].join()  # a restart under way (take_s3_server_down) ends first
+        _stop_moto(_S3_SERVERS.pop(endpoint).server)
         _forget_s3fs_clients()
+
+
+class _Running:
+    """The moto server now answering at an endpoint, and the thread restarting it, if any."""
+
+    def __init__(self, server, restart: threading.Thread | None = None):
+        self.server, self.restart = server, restart
+
+    def join(self) -> None:
+        if self.restart is not None:
+            self.restart.join()
+
+
+# The moto server of each endpoint s3_server() yielded, current across restarts.
+_S3_SERVERS: dict[str, _Running] = {}
+
+
+def _stop_moto(server) -> None:
+    server.stop()
+    server._server.server_close()  # stop() leaves the listening socket open
+
+
+def take_s3_server_down(endpoint: str, for_s: float) -> threading.Thread:
+    """Stop the S3 server at ``endpoint`` (one ``s3_server()`` yielded) now, and start it again
+    on the same port ``for_s`` seconds later, in a thread, which is returned. The buckets are
+    kept: moto holds them in this process, and only ``s3_server()`` resets them."""
+    from moto.server import ThreadedMotoServer
+
+    running = _S3_SERVERS[endpoint]
+    running.join()
+    _stop_moto(running.server)
+    port = int(endpoint.rsplit(":", 1)[1])
+
+    def restart() -> None:
+        time.sleep(for_s)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        running.server = server
+
+    running.restart = threading.Thread(target=restart, name="s3-restart", daemon=True)
+    running.restart.start()
+    return running.restart
 
 
 def _forget_s3fs_clients() -> None:

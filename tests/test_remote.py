@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import shutil
 import tarfile
@@ -23,7 +24,8 @@ from cmr.data.pipeline import DataConfig
 from cmr.data.remote import Opener, expand, is_pattern, join, redact, redact_spec
 from cmr.data.source import DataError, open_split
 from cmr.data.tario import TarMembers, count_tar_samples
-from tests.servers import ShardServer, s3_env, s3_server, self_signed_certificate, upload_dir
+from tests.servers import (ShardServer, s3_env, s3_server, self_signed_certificate, take_s3_server_down,
+                           upload_dir)
 from tests.tiny_data import add_member, image_bytes, write_split
 
 NUM_TRAIN, SHARD = 45, 6
@@ -347,6 +349,67 @@ def test_an_object_store_stream_starts_at_the_byte_asked_for(dataset, s3, monkey
         stream.close()
     with pytest.raises(ValueError, match="pipe:"):
         Opener(allow_pipe=True).open("pipe:cat x.tar", start=512)
+
+
+@pytest.fixture()
+def s3_alone(s3, monkeypatch):
+    """The S3 server, read by a client without botocore's own retries (AWS_MAX_ATTEMPTS=1,
+    read when s3fs makes its client): they would outlast a test's outage and leave nothing
+    to the reader's retries."""
+    import s3fs
+
+    for name, value in {**s3_env(s3), "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()  # the next test's client retries as usual
+
+
+def test_an_object_store_that_goes_away_mid_epoch_and_comes_back_loses_nothing(local, s3_alone, caplog):
+    """The S3 endpoint stops after the first batch and is back 3 s later: the shards asked for
+    meanwhile are retried, and the epoch equals the local one bit for bit."""
+    local_cfg, vocab = local
+    cfg = make_cfg("s3://bucket/tiny", max_retries=6, retry_backoff_s=0.5)
+    loader = build_loader(cfg, vocab, split="train", mode="train", rank=0, world_size=1)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    got = [next(batches)]
+    outage = take_s3_server_down(s3_alone, for_s=3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cmr.data.tario"):
+            got += list(batches)
+    finally:
+        outage.join()  # the server is back for the next test, whatever happened here
+    assert_same(got, epoch_batches(make_cfg(local_cfg.shards), vocab, 0))
+    retried = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert retried and all("s3://bucket/tiny/train/shard-" in m for m in retried), caplog.text
+
+
+def test_an_object_store_cut_mid_object_resumes_after_the_last_member(tmp_path, s3_alone, monkeypatch):
+    """s3fs lets botocore's EndpointConnectionError (not an OSError) through once its own
+    retries are spent; mid-read it is a transient failure like a reset, and the tar goes on
+    at the byte after the last member delivered."""
+    import fsspec
+
+    # Blocks of 64 KiB, so the object is fetched in many ranged reads (s3fs's default is 50 MiB).
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"default_block_size": 64 * 1024})
+    with tarfile.open(tmp_path / "cut.tar", "w") as tar:
+        for i in range(12):
+            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(96, 96)))
+            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
+    with tarfile.open(tmp_path / "cut.tar") as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar]
+    upload_dir(s3_alone, "cut", tmp_path)
+    members = TarMembers("s3://cut/cut.tar", Opener(retry_backoff_s=0.5, max_retries=6))
+    stream = iter(members)
+    got = [next(stream) for _ in range(4)]
+    outage = take_s3_server_down(s3_alone, for_s=3)
+    try:
+        got += list(stream)
+    finally:
+        outage.join()
+    assert [(f"{k}.{e}", data) for k, e, data in got] == want
+    assert members.failure is None and members.retries >= 1
 
 
 def test_s3_lists_manifest_less_shards_and_reads_stats(tmp_path, s3, monkeypatch):

@@ -192,10 +192,7 @@ class Opener:
         scheme = urlsplit(text).scheme
         if scheme in ("http", "https"):
             return _HttpStream(text, self.timeout_s, start)
-        stream = _open_fsspec(text)
-        if start:
-            stream.seek(start)  # fsspec's files read ranges: nothing before ``start`` is fetched
-        return stream
+        return _open_fsspec(text, start)
 
     @staticmethod
     def can_start_at(location: Location) -> bool:
@@ -252,7 +249,11 @@ class Opener:
 
             fs, path = fsspec.core.url_to_fs(text)
             info = fs.info(path)
-        except (RemoteError, OSError, ValueError, ImportError):
+        except (ValueError, ImportError):
+            return ""
+        except Exception as err:
+            if not is_store_failure(err):
+                raise
             return ""
         fields = {k: info.get(k) for k in ("size", "ETag", "etag", "LastModified", "mtime", "generation")}
         return ";".join(f"{k}={v}" for k, v in fields.items() if v not in (None, ""))
@@ -395,14 +396,14 @@ class _HttpStream(io.RawIOBase):
         super().close()
 
 
-def _open_fsspec(url: str) -> BinaryIO:
+def _open_fsspec(url: str, start: int = 0) -> BinaryIO:
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with the project's dependencies
         raise RemoteError(f"{redact(url)}: reading it needs fsspec", "unreachable_shard", transient=False) from None
     scheme = urlsplit(url).scheme
     try:
-        return fsspec.open(url, "rb").open()
+        stream = _StoreStream(url, fsspec.open(url, "rb").open())
     except ImportError as err:
         package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme, "")
         hint = f"; pip install {package} (or cmr[{scheme}])" if package else ""
@@ -410,11 +411,73 @@ def _open_fsspec(url: str) -> BinaryIO:
                           "unreachable_shard", transient=False) from None
     except ValueError as err:  # fsspec: unknown protocol
         raise RemoteError(f"{redact(url)}: {err}", "unreachable_shard", transient=False) from None
-    except FileNotFoundError:
-        raise RemoteError(f"{redact(url)}: not found", "missing_shard", transient=False) from None
-    except PermissionError:
-        raise RemoteError(f"{redact(url)}: access denied; check the credentials", "unreachable_shard",
-                          transient=False) from None
-    except OSError as err:
-        raise RemoteError(f"{redact(url)}: {redact_text(str(err), [url])}", "unreachable_shard",
-                          transient=True) from None
+    except Exception as err:
+        if not is_store_failure(err):
+            raise
+        raise _store_error(url, err) from None
+    if start:
+        stream.seek(start)  # fsspec's files read ranges: nothing before ``start`` is fetched
+    return stream
+
+
+# Packages whose exceptions are an object store's failures although they are not OSErrors:
+# botocore's EndpointConnectionError and ReadTimeoutError under s3fs (an endpoint that went
+# away), aiohttp's ClientPayloadError, google-auth's TransportError under gcsfs, azure-core's
+# ServiceRequestError under adlfs.
+_STORE_CLIENTS = frozenset({"adlfs", "aiobotocore", "aiohttp", "azure", "botocore", "gcsfs", "google", "requests",
+                            "s3fs", "urllib3"})
+
+
+def is_store_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failure of the store or the way to it (an OSError, or an exception
+    of an object store's client library), not a bug of the caller's."""
+    return isinstance(err, OSError) or any(cls.__module__.partition(".")[0] in _STORE_CLIENTS
+                                           for cls in type(err).__mro__)
+
+
+def _store_error(url: str, err: BaseException) -> RemoteError:
+    where = redact(url)
+    if isinstance(err, FileNotFoundError):
+        return RemoteError(f"{where}: not found", "missing_shard", transient=False)
+    if isinstance(err, PermissionError):
+        return RemoteError(f"{where}: access denied; check the credentials", "unreachable_shard", transient=False)
+    detail = redact_text(str(err), [url]) or type(err).__name__
+    return RemoteError(f"{where}: {detail}", "unreachable_shard", transient=True)
+
+
+class _StoreStream(io.RawIOBase):
+    """An object store's file (fsspec) whose client's failures, on a read as on the open, are
+    ``RemoteError``: s3fs lets botocore's errors through once its own retries are spent."""
+
+    def __init__(self, url: str, file):
+        self.url, self.file = url, file
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.file.read(size)
+        except Exception as err:
+            if not is_store_failure(err):
+                raise
+            raise _store_error(self.url, err) from None
+
+    def close(self) -> None:
+        if not self.closed:
+            close_quietly(self.file)
+        super().close()

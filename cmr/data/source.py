@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from cmr.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from cmr.data.remote import (LOCAL, Location, Opener, RemoteError, basename, expand, is_pattern, is_remote, is_url,
-                             join, local_path, redact, redact_text, sibling)
+                             is_store_failure, join, local_path, redact, redact_text, sibling)
 from cmr.data.tario import FEATURE_EXTENSIONS, TarMembers, count_tar_samples, iter_tar_samples
 
 
@@ -183,7 +183,9 @@ def _list_tars(split_dir: str) -> list[str] | None:
     try:
         fs, path = fsspec.core.url_to_fs(split_dir)
         found = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
-    except (ImportError, OSError, ValueError) as err:
+    except Exception as err:
+        if not isinstance(err, (ImportError, ValueError)) and not is_store_failure(err):
+            raise
         raise DataError(f"cannot list {redact(split_dir)}: {redact_text(str(err), [split_dir])}") from None
     scheme = urlsplit(split_dir).scheme
     return [f"{scheme}://{p}" for p in found]

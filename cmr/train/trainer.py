@@ -31,7 +31,7 @@ from cmr.train.checkpoint import Checkpointer
 from cmr.train.liveness import Heartbeat, describe_silent
 from cmr.train.metrics import MetricsLogger, wandb_mode
 from cmr.train.parallel import build_accelerator, build_optimizer, check_launch, match_buffers_to, uses_deepspeed
-from cmr.train.preemption import PreemptionHandler, requeue_slurm_job
+from cmr.train.preemption import PreemptionHandler, requeue_slurm_job, running_under_slurm
 from cmr.train.schedule import StagePlan
 from cmr.train.step import forward_and_losses, model_inputs, stage_weights
 
@@ -404,6 +404,10 @@ class Trainer:
         # The requeue has SLURM kill every process of the job, wandb's service among them: the
         # wandb run is finished (synced, offline or not) before it is asked for.
         self.accelerator.end_training()
-        message = requeue_slurm_job() if self.accelerator.is_main_process else ""
-        self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}; {message}")
+        # Flushed before the requeue: once scontrol has accepted it, SLURM may kill this process
+        # before a buffered line (or the success line below) reaches the job's log.
+        self.accelerator.print(f"preempted ({self.preemption.signal_name}): saved {path}", flush=True)
+        if self.accelerator.is_main_process and running_under_slurm():
+            print(f"asking SLURM to requeue job {os.environ['SLURM_JOB_ID']}", flush=True)
+            print(requeue_slurm_job(), flush=True)
         return "preempted"
