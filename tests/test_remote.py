@@ -218,15 +218,21 @@ def test_a_server_stopped_and_restarted_mid_epoch_loses_nothing(local, server):
     assert time.monotonic() - stopped >= 2.0 and len(tar_gets(server)) > read_before
 
 
+def picture_tar(path, count: int, side: int) -> list[tuple[str, bytes]]:
+    """Write a tar of ``count`` samples (a ``side`` px PNG and a caption each) at ``path``;
+    return its members as (name, bytes), in order."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(side, side)))
+            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
 def test_a_server_restart_mid_shard_is_survived(tmp_path):
     """The server goes away mid-transfer and comes back: the shard is reopened and continues
     after the last member delivered."""
-    with tarfile.open(tmp_path / "big.tar", "w") as tar:
-        for i in range(20):
-            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(256, 256)))
-            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
-    with tarfile.open(tmp_path / "big.tar") as tar:
-        names = [m.name for m in tar]
+    names = [name for name, _ in picture_tar(tmp_path / "big.tar", 20, 256)]
     with ShardServer(tmp_path) as server:
         # Socket buffers on loopback hold megabytes: hold the rest back so that stop() cuts it.
         server.faults.stall(60, after_bytes=1_000_000, path="big.tar")
@@ -246,12 +252,8 @@ def test_a_cut_transfer_resumes_at_the_byte_after_the_last_member(tmp_path, rang
     """After a cut, the retry asks for the rest only (Range: the byte after the last member
     delivered, a tar header boundary). A server that ignores Range sends the whole tar again:
     that shows in its first member, and the reader skips what it delivered before."""
-    with tarfile.open(tmp_path / "big.tar", "w") as tar:
-        for i in range(12):
-            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(64, 64)))
-            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
+    want = picture_tar(tmp_path / "big.tar", 12, 64)
     with tarfile.open(tmp_path / "big.tar") as tar:
-        want = [(m.name, tar.extractfile(m).read()) for m in tar]
         boundaries = {m.offset for m in tar.getmembers()}
     size = (tmp_path / "big.tar").stat().st_size
     with ShardServer(tmp_path, ranges=ranges) as server:
@@ -416,12 +418,7 @@ def test_an_object_store_cut_mid_object_resumes_after_the_last_member(tmp_path, 
 
     # Blocks of 64 KiB, so the object is fetched in many ranged reads (s3fs's default is 50 MiB).
     monkeypatch.setitem(fsspec.config.conf, "s3", {"default_block_size": 64 * 1024})
-    with tarfile.open(tmp_path / "cut.tar", "w") as tar:
-        for i in range(12):
-            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(96, 96)))
-            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
-    with tarfile.open(tmp_path / "cut.tar") as tar:
-        want = [(m.name, tar.extractfile(m).read()) for m in tar]
+    want = picture_tar(tmp_path / "cut.tar", 12, 96)
     upload_dir(s3_alone, "cut", tmp_path)
     members = TarMembers("s3://cut/cut.tar", Opener(retry_backoff_s=0.5, max_retries=6))
     stream = iter(members)

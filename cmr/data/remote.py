@@ -364,14 +364,8 @@ def close_quietly(stream) -> None:
         pass
 
 
-class _HttpStream(io.RawIOBase):
-    """The body of one http(s) GET, read in this process. No retries of its own: the reader's
-    know where the stream was. A transfer that stalls for ``timeout_s`` or ends before its
-    Content-Length raises ``RemoteError`` on the read that meets it."""
-
-    def __init__(self, url: str, timeout_s: float, start: int = 0):
-        self.url = url
-        self.response = _http_request(url, timeout_s, start)
+class _Stream(io.RawIOBase):
+    """A readable raw stream whose subclasses define ``read``; ``tarfile``'s stream mode calls it."""
 
     def readable(self) -> bool:
         return True
@@ -380,6 +374,16 @@ class _HttpStream(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class _HttpStream(_Stream):
+    """The body of one http(s) GET, read in this process. No retries of its own: the reader's
+    know where the stream was. A transfer that stalls for ``timeout_s`` or ends before its
+    Content-Length raises ``RemoteError`` on the read that meets it."""
+
+    def __init__(self, url: str, timeout_s: float, start: int = 0):
+        self.url = url
+        self.response = _http_request(url, timeout_s, start)
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -445,15 +449,12 @@ def _store_error(url: str, err: BaseException) -> RemoteError:
     return RemoteError(f"{where}: {detail}", "unreachable_shard", transient=True)
 
 
-class _StoreStream(io.RawIOBase):
+class _StoreStream(_Stream):
     """An object store's file (fsspec) whose client's failures, on a read as on the open, are
     ``RemoteError``: s3fs lets botocore's errors through once its own retries are spent."""
 
     def __init__(self, url: str, file):
         self.url, self.file = url, file
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -463,11 +464,6 @@ class _StoreStream(io.RawIOBase):
 
     def tell(self) -> int:
         return self.file.tell()
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def read(self, size: int = -1) -> bytes:
         try:
