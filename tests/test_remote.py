@@ -1,5 +1,6 @@
-"""Shards from anywhere: http(s), S3 (moto's server), brace patterns and pipe:, read by the
-same loader as a local directory, with faults on the wire that lose nothing and shift nothing.
+"""Shards from anywhere: http(s), brace patterns and pipe:, read by the same loader as a local
+directory, with faults on the wire that lose nothing and shift nothing. Object stores (S3 on
+moto's server) are in test_remote_s3.py.
 
 Every server is real and listens on 127.0.0.1 only (tests/servers.py)."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import time
 import shutil
 import tarfile
@@ -16,56 +16,27 @@ from collections import Counter
 
 import psutil
 import pytest
-import torch
 
-from cmr.config import ConfigError, from_dict
+from cmr.config import ConfigError
 from cmr.data.loader import build_loader, build_vocabulary
-from cmr.data.pipeline import DataConfig
 from cmr.data.remote import Opener, expand, is_pattern, join, redact, redact_spec
 from cmr.data.source import DataError, open_split
 from cmr.data.tario import TarMembers, count_tar_samples
-from tests.servers import (ShardServer, s3_env, s3_server, self_signed_certificate, take_s3_server_down,
-                           upload_dir)
-from tests.tiny_data import add_member, image_bytes, write_split
-
-NUM_TRAIN, SHARD = 45, 6
-
-
-def make_cfg(shards, **overrides):
-    base = {"shards": shards, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "image": {"size": 16},
-            "retry_backoff_s": 0.05, "io_timeout_s": 5}
-    base.update(overrides)
-    return from_dict(DataConfig, base)
-
-
-def epoch_batches(cfg, vocab, epoch, *, rank=0, world=1, split="train", mode="train"):
-    loader = build_loader(cfg, vocab, split=split, mode=mode, rank=rank, world_size=world)
-    loader.set_epoch(epoch)
-    return list(loader)
-
-
-def assert_same(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert a.keys == b.keys
-        assert torch.equal(a.images, b.images) and torch.equal(a.captions, b.captions)
-        assert a.skipped == b.skipped
+from tests.remote_data import (NUM_TRAIN, SHARD, assert_same, epoch_batches, local_reference, make_cfg, picture_tar,
+                               write_dataset)
+from tests.servers import ShardServer, self_signed_certificate
+from tests.tiny_data import add_member, image_bytes
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    write_split(root, "train", NUM_TRAIN, shard_size=SHARD)
-    write_split(root, "val", 11, shard_size=4)
-    return root
+    return write_dataset(tmp_path_factory.mktemp("remote"))
 
 
 @pytest.fixture(scope="module")
 def local(dataset):
     """The reference: the same shards read from the local directory."""
-    cfg = make_cfg(str(dataset), num_workers=2)
-    vocab = build_vocabulary(cfg)
-    return cfg, vocab
+    return local_reference(dataset)
 
 
 @pytest.fixture()
@@ -222,17 +193,6 @@ def test_a_server_stopped_and_restarted_mid_epoch_loses_nothing(local, server):
     assert tar_gets(server).count(path) >= 2  # cut by the stop, asked for again after the restart
 
 
-def picture_tar(path, count: int, side: int) -> list[tuple[str, bytes]]:
-    """Write a tar of ``count`` samples (a ``side`` px PNG and a caption each) at ``path``;
-    return its members as (name, bytes), in order."""
-    with tarfile.open(path, "w") as tar:
-        for i in range(count):
-            add_member(tar, f"{i:08d}.png", image_bytes(i, size=(side, side)))
-            add_member(tar, f"{i:08d}.json", json.dumps({"captions": [f"picture {i}"]}).encode())
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar]
-
-
 def test_a_server_restart_mid_shard_is_survived(tmp_path):
     """The server goes away mid-transfer and comes back: the shard is reopened and continues
     after the last member delivered."""
@@ -345,113 +305,6 @@ def test_pipe_commands_read_shards_when_allowed(local):
     cfg = make_cfg({"train": pattern}, allow_pipe=True)
     assert_same(epoch_batches(cfg, vocab, 0), epoch_batches(make_cfg(local_cfg.shards), vocab, 0))
     assert count_tar_samples(f"pipe:cat {local_cfg.shards}/train/shard-000007.tar", Opener(allow_pipe=True)) == 3
-
-
-# -- object stores -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3(dataset):
-    with s3_server() as endpoint:
-        upload_dir(endpoint, "bucket", dataset, prefix="tiny")
-        yield endpoint
-
-
-def test_s3_reads_the_same_batches_as_local(local, s3, monkeypatch):
-    local_cfg, vocab = local
-    for name, value in s3_env(s3).items():
-        monkeypatch.setenv(name, value)
-    cfg = make_cfg("s3://bucket/tiny", num_workers=2)
-    assert build_vocabulary(cfg).itos == vocab.itos
-    assert_same(epoch_batches(cfg, vocab, 0, rank=1, world=2), epoch_batches(local_cfg, vocab, 0, rank=1, world=2))
-
-
-def test_an_object_store_stream_starts_at_the_byte_asked_for(dataset, s3, monkeypatch):
-    """What a retry after a fault opens: the rest of the object, from a ranged read."""
-    for name, value in s3_env(s3).items():
-        monkeypatch.setenv(name, value)
-    whole = (dataset / "train" / "shard-000003.tar").read_bytes()
-    stream = Opener().open("s3://bucket/tiny/train/shard-000003.tar", start=1536)
-    try:
-        assert stream.read() == whole[1536:]
-    finally:
-        stream.close()
-    with pytest.raises(ValueError, match="pipe:"):
-        Opener(allow_pipe=True).open("pipe:cat x.tar", start=512)
-
-
-@pytest.fixture()
-def s3_alone(s3, monkeypatch):
-    """The S3 server, read by a client without botocore's own retries (AWS_MAX_ATTEMPTS=1,
-    read when s3fs makes its client): they would outlast a test's outage and leave nothing
-    to the reader's retries."""
-    import s3fs
-
-    for name, value in {**s3_env(s3), "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield s3
-    s3fs.S3FileSystem.clear_instance_cache()  # the next test's client retries as usual
-
-
-def test_an_object_store_that_goes_away_mid_epoch_and_comes_back_loses_nothing(local, s3_alone, caplog):
-    """The S3 endpoint stops after the first batch and is back 3 s later: the shards asked for
-    meanwhile are retried, and the epoch equals the local one bit for bit."""
-    local_cfg, vocab = local
-    cfg = make_cfg("s3://bucket/tiny", max_retries=6, retry_backoff_s=0.5)
-    loader = build_loader(cfg, vocab, split="train", mode="train", rank=0, world_size=1)
-    loader.set_epoch(0)
-    batches = iter(loader)
-    got = [next(batches)]
-    outage = take_s3_server_down(s3_alone, for_s=3)
-    try:
-        with caplog.at_level(logging.WARNING, logger="cmr.data.tario"):
-            got += list(batches)
-    finally:
-        outage.join()  # the server is back for the next test, whatever happened here
-    assert_same(got, epoch_batches(make_cfg(local_cfg.shards), vocab, 0))
-    retried = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
-    assert retried and all("s3://bucket/tiny/train/shard-" in m for m in retried), caplog.text
-
-
-def test_an_object_store_cut_mid_object_resumes_after_the_last_member(tmp_path, s3_alone, monkeypatch):
-    """s3fs lets botocore's EndpointConnectionError (not an OSError) through once its own
-    retries are spent; mid-read it is a transient failure like a reset, and the tar goes on
-    at the byte after the last member delivered."""
-    import fsspec
-
-    # Blocks of 64 KiB, so the object is fetched in many ranged reads (s3fs's default is 50 MiB).
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"default_block_size": 64 * 1024})
-    want = picture_tar(tmp_path / "cut.tar", 12, 96)
-    upload_dir(s3_alone, "cut", tmp_path)
-    members = TarMembers("s3://cut/cut.tar", Opener(retry_backoff_s=0.5, max_retries=6))
-    stream = iter(members)
-    got = [next(stream) for _ in range(4)]
-    outage = take_s3_server_down(s3_alone, for_s=3)
-    try:
-        got += list(stream)
-    finally:
-        outage.join()
-    assert [(f"{k}.{e}", data) for k, e, data in got] == want
-    assert members.failure is None and members.retries >= 1
-
-
-def test_s3_lists_manifest_less_shards_and_reads_stats(tmp_path, s3, monkeypatch):
-    for name, value in s3_env(s3).items():
-        monkeypatch.setenv(name, value)
-    for s in range(2):
-        with tarfile.open(tmp_path / f"{s:05d}.tar", "w") as tar:
-            for i in range(s * 4, s * 4 + 4):
-                add_member(tar, f"{i:09d}.jpg", image_bytes(i, fmt="JPEG"))
-                add_member(tar, f"{i:09d}.txt", f"thing {i}".encode())
-        (tmp_path / f"{s:05d}_stats.json").write_text(json.dumps({"successes": 4}))
-    upload_dir(s3, "bucket", tmp_path, prefix="laion")
-    shardset = open_split("s3://bucket/laion", ".", Opener())
-    assert [str(p) for p in shardset.paths] == ["s3://bucket/laion/00000.tar", "s3://bucket/laion/00001.tar"]
-    assert shardset.sizes == (4, 4)
-    cfg = make_cfg("s3://bucket/laion", train_split=".", batch_size=2)
-    vocab = build_vocabulary(cfg)
-    assert len({k for b in epoch_batches(cfg, vocab, 0, split=".") for k in b.keys}) == 8
 
 
 # -- the shards CLI on remote datasets -----------------------------------------------------

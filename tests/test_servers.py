@@ -14,7 +14,8 @@ import fsspec
 import pytest
 import s3fs
 
-from tests.servers import ShardServer, s3_env, s3_server, upload_dir
+from tests.s3_store import s3_env, s3_server, upload_dir
+from tests.servers import ShardServer
 
 SHARD = "train/shard-000000.tar"
 SHARD_BYTES = random.Random(0).randbytes(300_000)
