@@ -249,10 +249,8 @@ class Opener:
 
             fs, path = fsspec.core.url_to_fs(text)
             info = fs.info(path)
-        except (ValueError, ImportError):
-            return ""
         except Exception as err:
-            if not is_store_failure(err):
+            if not isinstance(err, (ValueError, ImportError)) and not is_store_failure(err):
                 raise
             return ""
         fields = {k: info.get(k) for k in ("size", "ETag", "etag", "LastModified", "mtime", "generation")}
